@@ -1,0 +1,28 @@
+"""lamb_optax: LAMB and LARS (You et al., 2020) as composable Optax transforms.
+
+References:
+  You et al., `Large Batch Optimization for Deep Learning: Training BERT in 76
+  minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
+"""
+
+from lamb_optax import masks
+from lamb_optax._src.adam import ScaleByAdamState
+from lamb_optax._src.adam import scale_by_adam
+from lamb_optax._src.lamb import lamb
+from lamb_optax._src.lars import lars
+from lamb_optax._src.state_utils import trust_ratios
+from lamb_optax._src.trust_ratio import ScaleByTrustRatioState
+from lamb_optax._src.trust_ratio import scale_by_trust_ratio
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "ScaleByAdamState",
+    "ScaleByTrustRatioState",
+    "lamb",
+    "lars",
+    "masks",
+    "scale_by_adam",
+    "scale_by_trust_ratio",
+    "trust_ratios",
+)

@@ -1,0 +1,1 @@
+"""Implementation modules of lamb_optax; import from `lamb_optax` instead."""
