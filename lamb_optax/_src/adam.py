@@ -2,7 +2,7 @@ r"""Adam moments and direction for LAMB, with the variants LAMB users rely on.""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
@@ -21,6 +21,100 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
 
 def _power(base: float, count: chex.Array) -> chex.Array:
   return jnp.asarray(base, jnp.float32) ** count.astype(jnp.float32)
+
+
+class AdamScalars(NamedTuple):
+  """Per-step scalars of the bias-corrected (or raw) moments.
+
+  With ``bias_correction=False`` all four are 1.
+  """
+
+  c1: chex.Array       # 1 - b1^t
+  c2: chex.Array       # 1 - b2^t
+  c1_next: chex.Array  # 1 - b1^(t+1)
+  c2_next: chex.Array  # 1 - b2^(t+1)
+
+
+def adam_scalars(count: chex.Array, b1: Any, b2: Any,
+                 bias_correction: bool) -> AdamScalars:
+  """The scalars of step ``count`` (already incremented: t >= 1)."""
+  if not bias_correction:
+    one = jnp.ones([], jnp.float32)
+    return AdamScalars(one, one, one, one)
+  return AdamScalars(
+      c1=1.0 - _power(b1, count), c2=1.0 - _power(b2, count),
+      c1_next=1.0 - _power(b1, count + 1), c2_next=1.0 - _power(b2, count + 1))
+
+
+def moments(g, mu, nu, b1, b2):
+  """New moments ``(m, v)`` in the compute dtype of ``g``."""
+  cdt = compute_dtype(g.dtype)
+  g = g.astype(cdt)
+  m = b1 * mu.astype(cdt) + (1.0 - b1) * g
+  v = b2 * nu.astype(cdt) + (1.0 - b2) * jnp.square(g)
+  return m, v
+
+
+def direction(m, v, g, sc: AdamScalars, *, b1, b2, eps, eps_root,
+              nesterov: Optional[str]):
+  r"""Adam's direction :math:`\hat m / (\sqrt{\hat v + \epsilon_{root}} +
+  \epsilon)` from the new moments (``g`` is used by the Nesterov forms)."""
+  cdt = m.dtype
+  g = g.astype(cdt)
+  if nesterov is None:
+    m_hat = m / sc.c1.astype(cdt)
+  else:
+    m_hat = b1 * m / sc.c1_next.astype(cdt) + (1.0 - b1) * g / sc.c1.astype(cdt)
+  if nesterov == "nn":
+    v_hat = (b2 * v / sc.c2_next.astype(cdt)
+             + (1.0 - b2) * jnp.square(g) / sc.c2.astype(cdt))
+  else:
+    v_hat = v / sc.c2.astype(cdt)
+  return m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+
+
+def direction_for_norm(m, v, g, sc: AdamScalars, one, *, b1, b2, eps,
+                       eps_root, nesterov: Optional[str]):
+  r""":func:`direction` rewritten for the norm pass of a fused LAMB step.
+
+  Mathematically equal to :func:`direction`, with the second-moment
+  coefficient :math:`C` factored out of the square root:
+
+  .. math::
+
+    \frac{A m + B g}{\sqrt{C v + D g^2 + \epsilon_{root}} + \epsilon}
+    = \frac{(A m + B g)/\sqrt{C}}{\sqrt{v + (D/C) g^2 +
+      \epsilon_{root}/C} + \epsilon/\sqrt{C}}.
+
+  Why a second form: XLA (on CPU in particular) will not recompute an
+  expensive elementwise expression (sqrt, divide) for two consumers, so when
+  the norm and the step read the same direction it writes the direction to a
+  parameter-sized temporary. Written differently, with scalars that are
+  runtime values (multiplied by ``one``, a runtime 1.0, so that no constant
+  broadcast is shared with the step), the norm pass reads the new moments
+  (which are written to the state anyway) and no temporary is allocated.
+  """
+  cdt = m.dtype
+  g = g.astype(cdt)
+  if nesterov is None:
+    a, b = 1.0 / sc.c1, None
+  else:
+    a, b = b1 / sc.c1_next, (1.0 - b1) / sc.c1
+  if nesterov == "nn":
+    c, d = b2 / sc.c2_next, (1.0 - b2) / sc.c2
+  else:
+    c, d = 1.0 / sc.c2, None
+  c_safe = jnp.where(c > 0, c, 1.0)
+  inv_sqrt_c = jax.lax.rsqrt(c_safe)
+  num = (a * inv_sqrt_c * one).astype(cdt) * m
+  if b is not None:
+    num = num + (b * inv_sqrt_c * one).astype(cdt) * g
+  den = (c / c_safe * one).astype(cdt) * v
+  if d is not None:
+    den = den + ((d / c_safe * one).astype(cdt) * g) * g
+  if not (isinstance(eps_root, (int, float)) and eps_root == 0):
+    den = den + (eps_root / c_safe * one).astype(cdt)
+  return num / (jnp.sqrt(den) + (eps * inv_sqrt_c * one).astype(cdt))
 
 
 def scale_by_adam(
@@ -136,28 +230,12 @@ def scale_by_adam(
     validation.check_same_structure(state.mu, updates, "updates",
                                     "the params given to init")
     count = optax.safe_int32_increment(state.count)
-    if bias_correction:
-      c1, c2 = 1.0 - _power(b1, count), 1.0 - _power(b2, count)
-      c1_next = 1.0 - _power(b1, count + 1)
-      c2_next = 1.0 - _power(b2, count + 1)
-    else:
-      c1 = c2 = c1_next = c2_next = jnp.ones([], jnp.float32)
+    sc = adam_scalars(count, b1, b2, bias_correction)
 
     def leaf(g, mu, nu):
-      cdt = compute_dtype(g.dtype)
-      g32 = g.astype(cdt)
-      m = b1 * mu.astype(cdt) + (1.0 - b1) * g32
-      v = b2 * nu.astype(cdt) + (1.0 - b2) * jnp.square(g32)
-      if nesterov is None:
-        m_hat = m / c1.astype(cdt)
-      else:
-        m_hat = b1 * m / c1_next.astype(cdt) + (1.0 - b1) * g32 / c1.astype(cdt)
-      if nesterov == "nn":
-        v_hat = (b2 * v / c2_next.astype(cdt)
-                 + (1.0 - b2) * jnp.square(g32) / c2.astype(cdt))
-      else:
-        v_hat = v / c2.astype(cdt)
-      u = m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+      m, v = moments(g, mu, nu, b1, b2)
+      u = direction(m, v, g, sc, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                    nesterov=nesterov)
       return u.astype(g.dtype), m.astype(mu.dtype), v.astype(nu.dtype)
 
     out = jax.tree.map(leaf, updates, state.mu, state.nu)

@@ -1,9 +1,16 @@
-r"""LAMB: Adam's direction rescaled per layer by a trust ratio."""
+r"""LAMB: Adam's direction rescaled per layer by a trust ratio.
+
+`lamb` has the state of the optax chain it is defined as, but computes the
+update in two fused passes per layer (see `adam.direction_for_norm`).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import chex
+import jax
+import jax.numpy as jnp
 import optax
 
 from lamb_optax._src import adam
@@ -55,7 +62,7 @@ def lamb(
   BERT's convention (no decay and no ratio on biases and LayerNorm) pass
   :func:`lamb_optax.masks.exclude_bias_and_norm` to both masks.
 
-  This is exactly::
+  Mathematically (and in its state, which is the chain's state) this is::
 
     optax.chain(
         optax.clip_by_global_norm(max_grad_norm),   # only if set
@@ -65,7 +72,13 @@ def lamb(
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  With the defaults it computes what :func:`optax.lamb` computes.
+  and with the defaults it computes what :func:`optax.lamb` computes. The
+  update is computed in two fused passes instead: one reduction per layer
+  that reads the new moments and the parameters, and one elementwise pass
+  that writes the step. The direction :math:`u_t` is never stored, so XLA
+  allocates no parameter-sized temporary (the chain, like
+  :func:`optax.lamb`, makes XLA write :math:`u_t` to a temporary because two
+  consumers read it). The results equal the chain's to float32 rounding.
 
   Args:
     learning_rate: :math:`\eta_t`, a scalar or an optax schedule.
@@ -109,19 +122,115 @@ def lamb(
   validation.check_non_negative("weight_decay", weight_decay)
   if max_grad_norm is not None:
     validation.check_positive("max_grad_norm", max_grad_norm)
-  parts = []
+  adam_tx = adam.scale_by_adam(
+      b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+      bias_correction=bias_correction, nesterov=nesterov, mu_dtype=mu_dtype)
+  decay_tx = optax.add_decayed_weights(weight_decay, weight_decay_mask)
+  trust_tx = trust_ratio.scale_by_trust_ratio(
+      mask=trust_ratio_mask,
+      param_norm_bounds=param_norm_bounds,
+      trust_ratio_bounds=trust_ratio_bounds)
+  lr_tx = optax.scale_by_learning_rate(learning_rate)
+  parts = [adam_tx, decay_tx, trust_tx, lr_tx]
   if max_grad_norm is not None:
-    parts.append(optax.clip_by_global_norm(max_grad_norm))
-  parts += [
-      adam.scale_by_adam(
-          b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-          bias_correction=bias_correction, nesterov=nesterov,
-          mu_dtype=mu_dtype),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      trust_ratio.scale_by_trust_ratio(
-          mask=trust_ratio_mask,
-          param_norm_bounds=param_norm_bounds,
-          trust_ratio_bounds=trust_ratio_bounds),
-      optax.scale_by_learning_rate(learning_rate),
-  ]
-  return optax.chain(*parts)
+    parts.insert(0, optax.clip_by_global_norm(max_grad_norm))
+  chain = optax.chain(*parts)
+  # Validated copies of the bounds (check_bounds returns floats).
+  param_norm_bounds = validation.check_bounds(
+      "param_norm_bounds", param_norm_bounds)
+  trust_ratio_bounds = validation.check_bounds(
+      "trust_ratio_bounds", trust_ratio_bounds)
+  no_decay = (isinstance(weight_decay, (int, float))
+              and not isinstance(weight_decay, bool) and weight_decay == 0)
+
+  def update_fn(updates, state, params=None):
+    """The chain's update, computed in two fused passes (see module doc)."""
+    validation.check_params_present(params, "lamb")
+    validation.check_same_structure(params, updates, "updates")
+    validation.check_float_leaves(params, "params")
+    validation.check_float_leaves(updates, "updates")
+    if max_grad_norm is not None:
+      clip_state, *state = state
+    adam_state, decay_state, trust_state, lr_state = state
+
+    treedef = jax.tree.structure(params)
+    flat_params = treedef.flatten_up_to(params)
+    flat_grads = treedef.flatten_up_to(updates)
+    validation.check_same_structure(adam_state.mu, updates, "updates",
+                                    "the params given to init")
+    flat_mu = treedef.flatten_up_to(adam_state.mu)
+    flat_nu = treedef.flatten_up_to(adam_state.nu)
+    flat_decay = ([False] * len(flat_params) if no_decay else
+                  [True] * len(flat_params) if weight_decay_mask is None else
+                  validation.resolve_mask(
+                      weight_decay_mask, params, "weight_decay_mask"))
+    flat_adapt = ([True] * len(flat_params) if trust_ratio_mask is None else
+                  validation.resolve_mask(
+                      trust_ratio_mask, params, "trust_ratio_mask"))
+
+    # Scalars of this step, and the states of the scalar-only transforms.
+    count = optax.safe_int32_increment(adam_state.count)
+    sc = adam.adam_scalars(count, b1, b2, bias_correction)
+    neg_lr, lr_state = lr_tx.update(jnp.ones([], jnp.float32), lr_state)
+    if callable(weight_decay):
+      (decay_count,) = jax.tree.leaves(decay_state)
+      wd = weight_decay(decay_count)
+      decay_state = jax.tree.map(optax.safe_int32_increment, decay_state)
+    else:
+      wd = weight_decay
+    grad_dtypes = [g.dtype for g in flat_grads]
+    if max_grad_norm is not None:
+      global_norm = jnp.sqrt(sum(trust_ratio.layer_squared_norms(g)
+                                 for g in flat_grads))
+      clip_scale = jnp.where(global_norm < max_grad_norm, 1.0,
+                             max_grad_norm / global_norm)
+      flat_grads = [(g.astype(adam.compute_dtype(g.dtype))
+                     * clip_scale.astype(adam.compute_dtype(g.dtype)))
+                    for g in flat_grads]
+    hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov)
+
+    out_updates, out_mu, out_nu, ratios = [], [], [], []
+    for g, mu, nu, x, decay, adapt, dtype in zip(
+        flat_grads, flat_mu, flat_nu, flat_params, flat_decay, flat_adapt,
+        grad_dtypes):
+      m, v = adam.moments(g, mu, nu, b1, b2)
+      cdt = m.dtype
+      u = adam.direction(m, v, g, sc, **hyper)
+      if decay:
+        u = u + jnp.asarray(wd, cdt) * x.astype(cdt)
+      ratio = jnp.ones([], jnp.float32)
+      if adapt:
+        param_sq = trust_ratio.layer_squared_norms(x)
+        # A runtime 1.0 unique to this leaf (param_sq >= 0), so that the
+        # scalars of the norm pass are neither constants nor shared between
+        # leaves of one shape (see adam.direction_for_norm).
+        one = 1.0 + jnp.minimum(param_sq, 0.0).astype(jnp.float32)
+        u_norm = adam.direction_for_norm(m, v, g, sc, one, **hyper)
+        if decay:
+          u_norm = u_norm + (wd * one).astype(cdt) * x.astype(cdt)
+        ratio = trust_ratio.trust_ratio_from_norms(
+            jnp.sqrt(param_sq),
+            jnp.sqrt(trust_ratio.layer_squared_norms(u_norm)),
+            param_norm_bounds=param_norm_bounds,
+            trust_ratio_bounds=trust_ratio_bounds)
+        chex.assert_shape(ratio, ())
+        chex.assert_type(ratio, jnp.float32)
+      step = (neg_lr * ratio).astype(cdt) * u
+      out_updates.append(step.astype(dtype))
+      out_mu.append(m.astype(mu.dtype))
+      out_nu.append(v.astype(nu.dtype))
+      ratios.append(ratio)
+
+    new_state = (
+        optax.ScaleByAdamState(count=count, mu=treedef.unflatten(out_mu),
+                               nu=treedef.unflatten(out_nu)),
+        decay_state,
+        trust_ratio.ScaleByTrustRatioState(
+            trust_ratios=treedef.unflatten(ratios)),
+        lr_state,
+    )
+    if max_grad_norm is not None:
+      new_state = (clip_state,) + new_state
+    return treedef.unflatten(out_updates), new_state
+
+  return optax.GradientTransformation(chain.init, update_fn)
