@@ -2,6 +2,7 @@ r"""Adam moments and direction for LAMB, with the variants LAMB users rely on.""
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -19,8 +20,22 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
-def _power(base: float, count: chex.Array) -> chex.Array:
-  return jnp.asarray(base, jnp.float32) ** count.astype(jnp.float32)
+def one_minus_power(base: Any, count: chex.Array) -> chex.Array:
+  r""":math:`1 - \beta^t` in float32, accurate even for :math:`\beta` near 1.
+
+  For a Python number :math:`\beta`, :math:`\log\beta` is taken in double
+  precision and :math:`1-\beta^t = -\mathrm{expm1}(t\log\beta)`: rounding
+  :math:`\beta = 0.999` to float32 first (as ``1 - b2 ** t`` in float32 does)
+  would make :math:`1-\beta^1` off by 1.3e-5 relative. Traced values (under
+  ``optax.inject_hyperparams``) are already float32 and use the same formula.
+  """
+  t = count.astype(jnp.float32)
+  if isinstance(base, (int, float)) and not isinstance(base, bool):
+    if base == 0:
+      return jnp.ones([], jnp.float32)
+    return -jnp.expm1(t * jnp.float32(math.log(base)))
+  base = jnp.asarray(base, jnp.float32)
+  return jnp.where(base > 0, -jnp.expm1(t * jnp.log(jnp.where(base > 0, base, 1.0))), 1.0)
 
 
 class AdamScalars(NamedTuple):
@@ -42,8 +57,9 @@ def adam_scalars(count: chex.Array, b1: Any, b2: Any,
     one = jnp.ones([], jnp.float32)
     return AdamScalars(one, one, one, one)
   return AdamScalars(
-      c1=1.0 - _power(b1, count), c2=1.0 - _power(b2, count),
-      c1_next=1.0 - _power(b1, count + 1), c2_next=1.0 - _power(b2, count + 1))
+      c1=one_minus_power(b1, count), c2=one_minus_power(b2, count),
+      c1_next=one_minus_power(b1, count + 1),
+      c2_next=one_minus_power(b2, count + 1))
 
 
 def moments(g, mu, nu, b1, b2):

@@ -126,10 +126,11 @@ def lamb(
       b1=b1, b2=b2, eps=eps, eps_root=eps_root,
       bias_correction=bias_correction, nesterov=nesterov, mu_dtype=mu_dtype)
   decay_tx = optax.add_decayed_weights(weight_decay, weight_decay_mask)
-  trust_tx = trust_ratio.scale_by_trust_ratio(
-      mask=trust_ratio_mask,
+  trust_tx = trust_ratio.trust_ratio_transform(
+      trust_coefficient=1.0, eps=0.0,
       param_norm_bounds=param_norm_bounds,
-      trust_ratio_bounds=trust_ratio_bounds)
+      trust_ratio_bounds=trust_ratio_bounds,
+      mask=trust_ratio_mask, mask_name="trust_ratio_mask")
   lr_tx = optax.scale_by_learning_rate(learning_rate)
   parts = [adam_tx, decay_tx, trust_tx, lr_tx]
   if max_grad_norm is not None:
@@ -142,6 +143,12 @@ def lamb(
       "trust_ratio_bounds", trust_ratio_bounds)
   no_decay = (isinstance(weight_decay, (int, float))
               and not isinstance(weight_decay, bool) and weight_decay == 0)
+
+  def init_fn(params):
+    validation.check_float_leaves(params, "params")
+    validation.check_masks(params, weight_decay_mask=weight_decay_mask,
+                           trust_ratio_mask=trust_ratio_mask)
+    return chain.init(params)
 
   def update_fn(updates, state, params=None):
     """The chain's update, computed in two fused passes (see module doc)."""
@@ -233,4 +240,4 @@ def lamb(
       new_state = (clip_state,) + new_state
     return treedef.unflatten(out_updates), new_state
 
-  return optax.GradientTransformation(chain.init, update_fn)
+  return optax.GradientTransformation(init_fn, update_fn)

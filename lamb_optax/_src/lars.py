@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import jax
+import jax.numpy as jnp
 import optax
 
+from lamb_optax._src import adam
 from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
 
@@ -37,10 +40,14 @@ def lars(
   ``trust_coefficient``, :math:`\phi` the identity or a clip to
   ``param_norm_bounds``, the ratio 1 where :math:`\phi(\|x\|)=0` or
   :math:`\|m\|=0`, then clipped to ``trust_ratio_bounds``; leaves outside
-  ``trust_ratio_mask`` take the plain momentum step. It is exactly
+  ``trust_ratio_mask`` take the plain momentum step. It is
   ``optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask),
-  optax.ema(momentum, debias=False), lamb_optax.scale_by_trust_ratio(...),
-  optax.scale_by_learning_rate(learning_rate))``.
+  <damped momentum>, lamb_optax.scale_by_trust_ratio(...),
+  optax.scale_by_learning_rate(learning_rate))``, where the damped momentum
+  computes what ``optax.ema(momentum, debias=False)`` computes but keeps the
+  state dtype fixed. The momentum is stored in the parameter dtype; the
+  trust ratio reads it from the state, so XLA needs no parameter-sized
+  temporary.
 
   How it differs from :func:`optax.lars`: optax follows the classic LARS of
   You, Gitman & Ginsburg (2017) — the ratio
@@ -85,13 +92,62 @@ def lars(
   """
   validation.check_unit_interval("momentum", momentum)
   validation.check_non_negative("weight_decay", weight_decay)
-  return optax.chain(
+  chain = optax.chain(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      optax.ema(momentum, debias=False),
-      trust_ratio.scale_by_trust_ratio(
+      damped_momentum(momentum),
+      trust_ratio.trust_ratio_transform(
           trust_coefficient=trust_coefficient, eps=eps,
           param_norm_bounds=param_norm_bounds,
           trust_ratio_bounds=trust_ratio_bounds,
-          mask=trust_ratio_mask),
+          mask=trust_ratio_mask, mask_name="trust_ratio_mask"),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+  def init_fn(params):
+    validation.check_float_leaves(params, "params")
+    validation.check_masks(params, weight_decay_mask=weight_decay_mask,
+                           trust_ratio_mask=trust_ratio_mask)
+    return chain.init(params)
+
+  def update_fn(updates, state, params=None):
+    validation.check_params_present(params, "lars")
+    validation.check_same_structure(params, updates, "updates")
+    validation.check_float_leaves(updates, "updates")
+    validation.check_masks(params, weight_decay_mask=weight_decay_mask)
+    new_updates, state = chain.update(updates, state, params)
+    # A float32 weight-decay schedule would otherwise promote bf16 updates.
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates,
+                        updates), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def damped_momentum(momentum: float) -> optax.GradientTransformation:
+  r"""The damped momentum of LARS: :math:`m_t = \beta m_{t-1} + (1-\beta) u_t`.
+
+  Arithmetic runs in at least float32; the momentum keeps the dtype it was
+  initialised with (the parameter dtype) and the output the incoming dtype,
+  so state dtypes never change across steps, even when ``momentum`` is a
+  float32 array (``optax.inject_hyperparams``) and the parameters bf16.
+  The state is an :class:`optax.EmaState`.
+  """
+
+  def init_fn(params):
+    return optax.EmaState(count=jnp.zeros([], jnp.int32),
+                          ema=jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+
+    def leaf(u, m):
+      cdt = adam.compute_dtype(u.dtype)
+      new = momentum * m.astype(cdt) + (1.0 - momentum) * u.astype(cdt)
+      return new.astype(u.dtype), new.astype(m.dtype)
+
+    out = jax.tree.map(leaf, updates, state.ema)
+    new_updates, new_ema = jax.tree.transpose(
+        jax.tree.structure(updates), jax.tree.structure((0, 0)), out)
+    return new_updates, optax.EmaState(
+        count=optax.safe_int32_increment(state.count), ema=new_ema)
+
+  return optax.GradientTransformation(init_fn, update_fn)

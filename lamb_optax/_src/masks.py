@@ -24,8 +24,9 @@ Patterns = Union[str, Iterable[str]]
 BIAS_NAMES = ("bias", "b", "beta", "offset")
 NORM_PARAM_NAMES = ("scale", "gamma")
 # Module names of normalisation layers: LayerNorm_0, layer_norm, ln_f, ln1,
-# RMSNorm, BatchNorm_1, GroupNorm, norm, final_norm, ...
-NORM_MODULE_PATTERN = r"(?i)(norm|^ln(_?[a-z0-9]+)?$)"
+# RMSNorm, BatchNorm_1, GroupNorm, norm, final_norm, input_layernorm, norm2,
+# ... (a name that ends in "norm", optionally numbered; not "normal_head").
+NORM_MODULE_PATTERN = r"(?i)(norm(_?\d+)?$|^ln(_?[a-z0-9]+)?$)"
 
 
 def _compile(patterns: Patterns, argname: str) -> list[re.Pattern[str]]:
@@ -46,11 +47,11 @@ def path_mask(predicate: Callable[[str, Any], bool]) -> MaskFn:
   """A mask from ``predicate(path, leaf) -> bool`` on '/'-joined leaf paths."""
   def mask_fn(params):
     def leaf(path, x):
-      value = predicate(validation.path_str(path), x)
+      value = predicate(validation.param_path_str(path), x)
       if not isinstance(value, bool):
         raise TypeError(
             f"mask predicate must return a bool, got {value!r} for "
-            f"'{validation.path_str(path)}'.")
+            f"'{validation.param_path_str(path)}'.")
       return value
     return jax.tree_util.tree_map_with_path(leaf, params)
   return mask_fn
@@ -84,10 +85,9 @@ def is_bias_or_norm(path: str) -> bool:
   parts = [p for p in path.split("/") if p]
   if not parts:
     return False
+  if parts[-1] in ("value", "raw_value") and len(parts) > 1:
+    parts = parts[:-1]  # an nnx Variable's attribute, written into the path
   name = parts[-1]
-  if name in ("value", "raw_value") and len(parts) > 1:  # nnx Variable fields
-    parts = parts[:-1]
-    name = parts[-1]
   if name in BIAS_NAMES or name in NORM_PARAM_NAMES:
     return True
   return any(re.search(NORM_MODULE_PATTERN, p) for p in parts[:-1])

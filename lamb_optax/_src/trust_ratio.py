@@ -123,6 +123,15 @@ def scale_by_trust_ratio(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
+  return trust_ratio_transform(
+      trust_coefficient=trust_coefficient, eps=eps,
+      param_norm_bounds=param_norm_bounds,
+      trust_ratio_bounds=trust_ratio_bounds, mask=mask, mask_name="mask")
+
+
+def trust_ratio_transform(*, trust_coefficient, eps, param_norm_bounds,
+                          trust_ratio_bounds, mask, mask_name):
+  """:func:`scale_by_trust_ratio`, naming its mask ``mask_name`` in errors."""
   validation.check_non_negative("trust_coefficient", trust_coefficient)
   validation.check_non_negative("eps", eps)
   param_norm_bounds = validation.check_bounds(
@@ -132,8 +141,7 @@ def scale_by_trust_ratio(
 
   def init_fn(params):
     validation.check_float_leaves(params, "params")
-    if mask is not None:
-      validation.resolve_mask(mask, params, "mask")
+    validation.check_masks(params, **{mask_name: mask})
     return ScaleByTrustRatioState(
         trust_ratios=jax.tree.map(
             lambda _: jnp.ones([], jnp.float32), params))
@@ -149,7 +157,7 @@ def scale_by_trust_ratio(
     if mask is None:
       flat_mask = [True] * len(flat_params)
     else:
-      flat_mask = validation.resolve_mask(mask, params, "mask")
+      flat_mask = validation.resolve_mask(mask, params, mask_name)
 
     new_updates, ratios = [], []
     for u, x, adapt in zip(flat_updates, flat_params, flat_mask):

@@ -40,11 +40,20 @@ def _number(name: str, value: Any) -> Optional[float]:
     raise TypeError(f"`{name}`: {e}") from None
 
 
+def _rounding_hint(value: Any) -> str:
+  dtype = getattr(value, "dtype", None)
+  if dtype is not None and jnp.dtype(dtype).itemsize < 4:
+    return (f" The value was stored as {jnp.dtype(dtype)}, which rounds it; "
+            "with optax.inject_hyperparams pass hyperparam_dtype=jnp.float32.")
+  return ""
+
+
 def check_unit_interval(name: str, value: Any) -> None:
   """Raises ValueError unless ``0 <= value < 1`` (when concrete)."""
   v = _number(name, value)
   if v is not None and not 0.0 <= v < 1.0:
-    raise ValueError(f"`{name}` must be in [0, 1), got {value!r}.")
+    raise ValueError(
+        f"`{name}` must be in [0, 1), got {value!r}.{_rounding_hint(value)}")
 
 
 def check_non_negative(name: str, value: Any) -> None:
@@ -108,6 +117,20 @@ def path_str(path: Sequence[Any]) -> str:
   return "/".join(parts)
 
 
+def param_path_str(path: Sequence[Any]) -> str:
+  """:func:`path_str` without a trailing Flax ``Variable`` attribute.
+
+  ``nnx.state(model, nnx.Param)`` leaves are reached through a
+  ``GetAttrKey('value')``, while ``nnx.Optimizer`` passes pure arrays to
+  ``update``: dropping that attribute gives both the same path.
+  """
+  path = list(path)
+  if (path and isinstance(path[-1], jax.tree_util.GetAttrKey)
+      and path[-1].name in ("value", "raw_value")):
+    path = path[:-1]
+  return path_str(path)
+
+
 def check_float_leaves(tree: Any, name: str) -> None:
   """Raises TypeError naming the first non-floating leaf of ``tree``."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -156,6 +179,13 @@ def resolve_mask(mask: Any, params: Any, name: str) -> list[bool]:
     out.append(bool(m))
   assert len(out) == len(flat)
   return out
+
+
+def check_masks(params: Any, **masks: Any) -> None:
+  """Resolves each named mask that is not None against ``params``."""
+  for name, mask in masks.items():
+    if mask is not None:
+      resolve_mask(mask, params, name)
 
 
 def check_params_present(params: Any, transform: str) -> None:
