@@ -72,65 +72,40 @@ def moments(g, mu, nu, b1, b2):
 
 
 def direction(m, v, g, sc: AdamScalars, *, b1, b2, eps, eps_root,
-              nesterov: Optional[str]):
+              nesterov: Optional[str], one: Optional[chex.Array] = None):
   r"""Adam's direction :math:`\hat m / (\sqrt{\hat v + \epsilon_{root}} +
-  \epsilon)` from the new moments (``g`` is used by the Nesterov forms)."""
-  cdt = m.dtype
-  g = g.astype(cdt)
-  if nesterov is None:
-    m_hat = m / sc.c1.astype(cdt)
-  else:
-    m_hat = b1 * m / sc.c1_next.astype(cdt) + (1.0 - b1) * g / sc.c1.astype(cdt)
-  if nesterov == "nn":
-    v_hat = (b2 * v / sc.c2_next.astype(cdt)
-             + (1.0 - b2) * jnp.square(g) / sc.c2.astype(cdt))
-  else:
-    v_hat = v / sc.c2.astype(cdt)
-  return m_hat / (jnp.sqrt(v_hat + eps_root) + eps)
+  \epsilon)` from the new moments (``g`` is used by the Nesterov forms).
 
-
-def direction_for_norm(m, v, g, sc: AdamScalars, one, *, b1, b2, eps,
-                       eps_root, nesterov: Optional[str]):
-  r""":func:`direction` rewritten for the norm pass of a fused LAMB step.
-
-  Mathematically equal to :func:`direction`, with the second-moment
-  coefficient :math:`C` factored out of the square root:
-
-  .. math::
-
-    \frac{A m + B g}{\sqrt{C v + D g^2 + \epsilon_{root}} + \epsilon}
-    = \frac{(A m + B g)/\sqrt{C}}{\sqrt{v + (D/C) g^2 +
-      \epsilon_{root}/C} + \epsilon/\sqrt{C}}.
-
-  Why a second form: XLA (on CPU in particular) will not recompute an
-  expensive elementwise expression (sqrt, divide) for two consumers, so when
-  the norm and the step read the same direction it writes the direction to a
-  parameter-sized temporary. Written differently, with scalars that are
-  runtime values (multiplied by ``one``, a runtime 1.0, so that no constant
-  broadcast is shared with the step), the norm pass reads the new moments
-  (which are written to the state anyway) and no temporary is allocated.
+  ``one``, when given, must be a runtime scalar equal to 1.0: every scalar
+  operand is multiplied by it. That is exact (the result is bit for bit the
+  same), but it gives XLA a different expression. The fused LAMB step uses
+  it for its norm pass: XLA will not recompute an expensive elementwise
+  expression (sqrt, divide) for two consumers, so if the norm and the step
+  read one expression it writes the direction to a parameter-sized
+  temporary; with runtime scalars unique to the layer (constants and shared
+  scalars would be materialised as broadcasts) it recomputes the direction
+  in the reduction instead, and no temporary is allocated.
   """
   cdt = m.dtype
   g = g.astype(cdt)
+
+  def scalar(z):
+    z = jnp.asarray(z, cdt)
+    return z if one is None else z * one.astype(cdt)
+
   if nesterov is None:
-    a, b = 1.0 / sc.c1, None
+    m_hat = m / scalar(sc.c1)
   else:
-    a, b = b1 / sc.c1_next, (1.0 - b1) / sc.c1
+    m_hat = (scalar(b1) * m / scalar(sc.c1_next)
+             + scalar(1.0 - b1) * g / scalar(sc.c1))
   if nesterov == "nn":
-    c, d = b2 / sc.c2_next, (1.0 - b2) / sc.c2
+    v_hat = (scalar(b2) * v / scalar(sc.c2_next)
+             + scalar(1.0 - b2) * jnp.square(g) / scalar(sc.c2))
   else:
-    c, d = 1.0 / sc.c2, None
-  c_safe = jnp.where(c > 0, c, 1.0)
-  inv_sqrt_c = jax.lax.rsqrt(c_safe)
-  num = (a * inv_sqrt_c * one).astype(cdt) * m
-  if b is not None:
-    num = num + (b * inv_sqrt_c * one).astype(cdt) * g
-  den = (c / c_safe * one).astype(cdt) * v
-  if d is not None:
-    den = den + ((d / c_safe * one).astype(cdt) * g) * g
+    v_hat = v / scalar(sc.c2)
   if not (isinstance(eps_root, (int, float)) and eps_root == 0):
-    den = den + (eps_root / c_safe * one).astype(cdt)
-  return num / (jnp.sqrt(den) + (eps * inv_sqrt_c * one).astype(cdt))
+    v_hat = v_hat + scalar(eps_root)
+  return m_hat / (jnp.sqrt(v_hat) + scalar(eps))
 
 
 def scale_by_adam(

@@ -1,7 +1,8 @@
 r"""LAMB: Adam's direction rescaled per layer by a trust ratio.
 
-`lamb` has the state of the optax chain it is defined as, but computes the
-update in two fused passes per layer (see `adam.direction_for_norm`).
+`lamb` is an optax chain of small transforms. `lamb(..., fused=True)` keeps
+the chain's state but computes the update in two fused passes per layer (see
+`adam.direction`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def lamb(
     trust_ratio_bounds: Optional[tuple[float, float]] = None,
     max_grad_norm: Optional[float] = None,
     mu_dtype: Optional[Any] = None,
+    fused: bool = False,
 ) -> optax.GradientTransformation:
   r"""The LAMB optimizer (Algorithm 2 of You et al., 2020).
 
@@ -62,7 +64,7 @@ def lamb(
   BERT's convention (no decay and no ratio on biases and LayerNorm) pass
   :func:`lamb_optax.masks.exclude_bias_and_norm` to both masks.
 
-  Mathematically (and in its state, which is the chain's state) this is::
+  It is exactly::
 
     optax.chain(
         optax.clip_by_global_norm(max_grad_norm),   # only if set
@@ -72,13 +74,22 @@ def lamb(
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  and with the defaults it computes what :func:`optax.lamb` computes. The
-  update is computed in two fused passes instead: one reduction per layer
-  that reads the new moments and the parameters, and one elementwise pass
-  that writes the step. The direction :math:`u_t` is never stored, so XLA
-  allocates no parameter-sized temporary (the chain, like
-  :func:`optax.lamb`, makes XLA write :math:`u_t` to a temporary because two
-  consumers read it). The results equal the chain's to float32 rounding.
+  and with the defaults it computes what :func:`optax.lamb` computes (with a
+  more accurate :math:`1-\beta^t`, see :func:`lamb_optax.scale_by_adam`).
+
+  ``fused=True`` keeps that state but computes the update in two passes per
+  layer: a reduction that recomputes :math:`u_t` from the new moments and
+  the parameters, and the elementwise step. :math:`u_t` is never stored, so
+  XLA allocates no parameter-sized temporary: the chain (like
+  :func:`optax.lamb`) makes XLA write :math:`u_t` to one, which on CPU costs
+  a page fault per 4 KiB every step (see ``benchmarks/update_step.py``). The
+  price: the norm and the step come from two evaluations of :math:`u_t`
+  that XLA may round differently, so where :math:`u_t` is a near-total
+  cancellation (:math:`\|u_t\| \approx 10^{-7}` of its terms, e.g. decay
+  exactly balancing the Adam direction on a scalar) the step norm is no
+  longer exactly :math:`\eta_t\,\phi(\|x_t\|)`, by a factor bounded by
+  a few float32 ulps of the terms relative to :math:`\|u_t\|`. Elsewhere
+  the two agree to float32 rounding. The default computes :math:`u_t` once.
 
   Args:
     learning_rate: :math:`\eta_t`, a scalar or an optax schedule.
@@ -98,6 +109,8 @@ def lamb(
     max_grad_norm: Optional global gradient-norm clip (> 0) applied to the raw
       gradients before the moments.
     mu_dtype: Optional dtype of the first moment.
+    fused: Compute the update in two fused passes with no parameter-sized
+      temporary (faster on CPU; see above).
 
   Returns:
     A :class:`optax.GradientTransformation` object.
@@ -144,18 +157,35 @@ def lamb(
   no_decay = (isinstance(weight_decay, (int, float))
               and not isinstance(weight_decay, bool) and weight_decay == 0)
 
+  if not isinstance(fused, bool):
+    raise TypeError(f"`fused` must be a bool, got {fused!r}.")
+
   def init_fn(params):
     validation.check_float_leaves(params, "params")
     validation.check_masks(params, weight_decay_mask=weight_decay_mask,
                            trust_ratio_mask=trust_ratio_mask)
     return chain.init(params)
 
-  def update_fn(updates, state, params=None):
-    """The chain's update, computed in two fused passes (see module doc)."""
+  def check_update_args(updates, params):
     validation.check_params_present(params, "lamb")
     validation.check_same_structure(params, updates, "updates")
     validation.check_float_leaves(params, "params")
     validation.check_float_leaves(updates, "updates")
+    validation.check_masks(params, weight_decay_mask=weight_decay_mask)
+
+  def chain_update_fn(updates, state, params=None):
+    check_update_args(updates, params)
+    new_updates, state = chain.update(updates, state, params)
+    # A float32 decay schedule or clipping would promote bf16 updates.
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates,
+                        updates), state
+
+  if not fused:
+    return optax.GradientTransformation(init_fn, chain_update_fn)
+
+  def update_fn(updates, state, params=None):
+    """The chain's update, computed in two fused passes (see module doc)."""
+    check_update_args(updates, params)
     if max_grad_norm is not None:
       clip_state, *state = state
     adam_state, decay_state, trust_state, lr_state = state
@@ -210,11 +240,13 @@ def lamb(
         param_sq = trust_ratio.layer_squared_norms(x)
         # A runtime 1.0 unique to this leaf (param_sq >= 0), so that the
         # scalars of the norm pass are neither constants nor shared between
-        # leaves of one shape (see adam.direction_for_norm).
+        # leaves of one shape (see adam.direction).
         one = 1.0 + jnp.minimum(param_sq, 0.0).astype(jnp.float32)
-        u_norm = adam.direction_for_norm(m, v, g, sc, one, **hyper)
+        # Bit for bit the `u` above, written so that XLA recomputes it in
+        # the reduction instead of storing it (see adam.direction).
+        u_norm = adam.direction(m, v, g, sc, one=one, **hyper)
         if decay:
-          u_norm = u_norm + (wd * one).astype(cdt) * x.astype(cdt)
+          u_norm = u_norm + (jnp.asarray(wd, cdt) * one.astype(cdt)) * x.astype(cdt)
         ratio = trust_ratio.trust_ratio_from_norms(
             jnp.sqrt(param_sq),
             jnp.sqrt(trust_ratio.layer_squared_norms(u_norm)),
