@@ -1,0 +1,71 @@
+"""Smoke test of benchmarks/update_step.py (the benchmark itself is not run)."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+
+_SCRIPT = (pathlib.Path(__file__).resolve().parents[1] / "benchmarks" /
+           "update_step.py")
+
+EXPECTED_OPTIMIZERS = (
+    "optax.adamw",
+    "optax.lamb",
+    "lamb_optax.lamb",
+    "lamb_optax.lamb (BERT masks)",
+    "lamb_optax.lamb(fused=True)",
+    "lamb_optax.lamb(fused=True) (BERT masks)",
+    "lamb_optax.lars",
+)
+
+
+@pytest.fixture(scope="module")
+def update_step():
+  spec = importlib.util.spec_from_file_location(
+      "benchmarks_update_step", _SCRIPT)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_bert_base_has_110m_params(update_step):
+  shapes = update_step.bert_base_shapes()
+  leaves = []
+
+  def walk(tree):
+    if isinstance(tree, dict):
+      for value in tree.values():
+        walk(value)
+    else:
+      leaves.append(tree)
+
+  walk(shapes)
+  n_params = sum(math.prod(shape) for shape in leaves)
+  assert 109_000_000 <= n_params <= 111_000_000
+  assert 190 <= len(leaves) <= 210
+  assert update_step.count_params(shapes) == n_params
+  layer = shapes["encoder"]["layer_3"]
+  assert layer["attention"]["query"]["kernel"] == (768, 768)
+  assert layer["intermediate"]["kernel"] == (768, 3072)
+  assert layer["LayerNorm_1"]["scale"] == (768,)
+  assert shapes["embeddings"]["word_embeddings"]["embedding"] == (30522, 768)
+
+
+def test_quick_run_writes_every_optimizer(update_step, tmp_path, capsys):
+  out = tmp_path / "results" / "update_step.json"
+  update_step.main(["--quick", "--reps", "2", "--out", str(out)])
+  result = json.loads(out.read_text())
+  assert set(result["optimizers"]) == set(EXPECTED_OPTIMIZERS)
+  for name, row in result["optimizers"].items():
+    for key in ("step_ms_median", "compile_s_median", "step_x_adamw",
+                "compile_x_adamw"):
+      assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
+    assert len(row["step_ms_all"]) == 2
+    assert row["params_finite_after_run"], name
+  assert result["optimizers"]["optax.adamw"]["step_x_adamw"] == 1.0
+  assert result["config"]["quick"] and result["config"]["reps"] == 2
+  table = capsys.readouterr().out
+  for name in EXPECTED_OPTIMIZERS:
+    assert f"| {name} |" in table

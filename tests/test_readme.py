@@ -1,0 +1,43 @@
+"""The README's quickstart runs and trains, and its test command matches CI."""
+
+import pathlib
+import re
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _section(title):
+  match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## )", README,
+                    re.M | re.S)
+  assert match, f"README has no '## {title}' section"
+  return match.group(1)
+
+
+def test_quickstart_trains_and_reports_ratios(capsys):
+  blocks = re.findall(r"```python\n(.*?)```", _section("Quickstart"), re.S)
+  assert len(blocks) == 1
+  namespace = {}
+  exec(compile(blocks[0], "README-quickstart", "exec"), namespace)  # pylint: disable=exec-used
+  losses = namespace["losses"]
+  assert np.all(np.isfinite(losses))
+  assert losses[-1] < 0.3 * losses[0]
+  ratios = namespace["ratios"]
+  import jax
+  leaves = jax.tree.leaves(ratios)
+  assert leaves and all(np.asarray(r).dtype == np.float32 for r in leaves)
+  # Masked leaves (biases, LayerNorm) keep r = 1; kernels are adapted.
+  assert any(float(r) != 1.0 for r in leaves)
+  assert "loss" in capsys.readouterr().out
+
+
+def test_start_here_has_exactly_two_commands_and_ci_runs_the_second():
+  block = re.search(r"```bash\n(.*?)```", _section("Start here"), re.S)
+  commands = [l.split("#")[0].strip() for l in block.group(1).splitlines()
+              if l.strip()]
+  assert len(commands) == 2
+  ci = (ROOT / ".ci" / "run").read_text()
+  assert commands[1] in ci
