@@ -1,0 +1,491 @@
+r"""Cost of one optimizer step on a BERT-base-shaped parameter tree.
+
+Times one jitted ``opt.update`` + ``optax.apply_updates`` step (params, state
+and gradients donated) for optax's AdamW and LAMB and for lamb_optax's LAMB
+(plain and with BERT's bias/LayerNorm masks) and LARS, side by side in one
+process: the optimizers take turns every repetition, each call gets fresh
+gradients, and every call is timed to ``block_until_ready``. It also reports
+how long trace + lower + compile takes on a deeper tree (24 layers, ~400
+leaves by default), and two numbers from the compiled executable: XLA's
+cost-analysis "bytes accessed" and the temporary buffer size, both per
+parameter. On CPU the step is memory bound, so parameter-sized temporaries
+(e.g. a materialised update whose norm is needed before it can be scaled) are
+what separate a LAMB step from an AdamW step.
+
+Usage (from the repository root)::
+
+  python benchmarks/update_step.py                # BERT-base, ~110M params
+  python benchmarks/update_step.py --quick        # tiny shapes, seconds
+
+It prints a Markdown table and writes the same data as JSON (``--out``).
+This is a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+import optax
+
+import lamb_optax
+
+DEFAULT_OUT = os.path.join("benchmarks", "results", "update_step.json")
+BASELINE = "optax.adamw"
+DONATION_WARNING = "Some donated buffers were not usable"
+
+# name -> factory of a fresh optax.GradientTransformation.
+OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "optax.adamw": lambda: optax.adamw(1e-3, eps=1e-6, weight_decay=0.01),
+    "optax.lamb": lambda: optax.lamb(1e-3, weight_decay=0.01),
+    "lamb_optax.lamb": lambda: lamb_optax.lamb(1e-3, weight_decay=0.01),
+    "lamb_optax.lamb (BERT masks)": lambda: lamb_optax.lamb(
+        1e-3, weight_decay=0.01,
+        weight_decay_mask=lamb_optax.masks.exclude_bias_and_norm(),
+        trust_ratio_mask=lamb_optax.masks.exclude_bias_and_norm()),
+    "lamb_optax.lamb(fused=True)": lambda: lamb_optax.lamb(
+        1e-3, weight_decay=0.01, fused=True),
+    "lamb_optax.lamb(fused=True) (BERT masks)": lambda: lamb_optax.lamb(
+        1e-3, weight_decay=0.01, fused=True,
+        weight_decay_mask=lamb_optax.masks.exclude_bias_and_norm(),
+        trust_ratio_mask=lamb_optax.masks.exclude_bias_and_norm()),
+    "lamb_optax.lars": lambda: lamb_optax.lars(1e-3, weight_decay=0.01),
+}
+
+
+def bert_base_shapes(
+    layers: int = 12,
+    hidden: int = 768,
+    ffn: int = 3072,
+    vocab: int = 30522,
+    positions: int = 512,
+    token_types: int = 2,
+) -> dict[str, Any]:
+  """The parameter shapes of BERT-base, as a nested dict named like Flax linen.
+
+  Embeddings (word, position, token type) with their LayerNorm; ``layers``
+  encoder layers, each with query/key/value/output projections, two
+  LayerNorms and a two-layer feed-forward block; and the pooler. At the
+  default sizes this is 109,482,240 parameters in 199 leaves.
+
+  Args:
+    layers: Number of encoder layers.
+    hidden: Hidden size.
+    ffn: Inner size of the feed-forward block.
+    vocab: Vocabulary size.
+    positions: Number of position embeddings.
+    token_types: Number of token-type embeddings.
+
+  Returns:
+    A nested dict whose leaves are shape tuples, e.g.
+    ``shapes['encoder']['layer_3']['attention']['query']['kernel']``.
+  """
+  def dense(n_in, n_out):
+    return {"kernel": (n_in, n_out), "bias": (n_out,)}
+
+  def layer_norm():
+    return {"scale": (hidden,), "bias": (hidden,)}
+
+  def encoder_layer():
+    return {
+        "attention": {
+            name: dense(hidden, hidden)
+            for name in ("query", "key", "value", "output")},
+        "LayerNorm_0": layer_norm(),
+        "intermediate": dense(hidden, ffn),
+        "output": dense(ffn, hidden),
+        "LayerNorm_1": layer_norm(),
+    }
+
+  return {
+      "embeddings": {
+          "word_embeddings": {"embedding": (vocab, hidden)},
+          "position_embeddings": {"embedding": (positions, hidden)},
+          "token_type_embeddings": {"embedding": (token_types, hidden)},
+          "LayerNorm_0": layer_norm(),
+      },
+      "encoder": {f"layer_{i}": encoder_layer() for i in range(layers)},
+      "pooler": dense(hidden, hidden),
+  }
+
+
+def _is_shape(x: Any) -> bool:
+  return isinstance(x, tuple) and all(isinstance(d, int) for d in x)
+
+
+def count_params(shapes: Any) -> int:
+  """Number of parameters in a tree of shape tuples (nothing is allocated)."""
+  return sum(math.prod(s) for s in jax.tree.leaves(shapes, is_leaf=_is_shape))
+
+
+def abstract_params(shapes: Any, dtype=jnp.float32) -> Any:
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, dtype), shapes,
+                      is_leaf=_is_shape)
+
+
+def random_params(shapes: Any, seed: int = 0, dtype=jnp.float32) -> Any:
+  """Random normal * 0.02 parameters with the given shapes."""
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+
+  @jax.jit
+  def make(key):
+    keys = jax.random.split(key, len(leaves))
+    return treedef.unflatten([
+        0.02 * jax.random.normal(k, s, dtype) for k, s in zip(keys, leaves)])
+
+  return make(jax.random.key(seed))
+
+
+def make_step(opt: optax.GradientTransformation) -> Callable[..., Any]:
+  """A fresh (un-jitted) step function ``(params, state, grads) -> ...``."""
+  def step(params, state, grads):
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    return params, state
+  return step
+
+
+def jit_step(step: Callable[..., Any]) -> Callable[..., Any]:
+  return jax.jit(step, donate_argnums=(0, 1, 2))
+
+
+def _cost(compiled: Any, key: str) -> Optional[float]:
+  try:
+    analysis = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  if not analysis or key not in analysis:
+    return None
+  return float(analysis[key])
+
+
+def _memory(compiled: Any) -> dict[str, Optional[int]]:
+  fields = ("temp_size_in_bytes", "argument_size_in_bytes",
+            "output_size_in_bytes", "alias_size_in_bytes",
+            "generated_code_size_in_bytes")
+  try:
+    stats = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  return {f: (None if stats is None else int(getattr(stats, f, 0)))
+          for f in fields}
+
+
+def time_compile(make_opt: Callable[[], optax.GradientTransformation],
+                 shapes: Any, repeats: int) -> dict[str, Any]:
+  """Trace + lower + compile times from scratch (fresh jit, cleared caches)."""
+  params = abstract_params(shapes)
+  lower_s, compile_s, total_s = [], [], []
+  for _ in range(repeats):
+    jax.clear_caches()
+    opt = make_opt()
+    state = jax.eval_shape(opt.init, params)
+    grads = params
+    jitted = jit_step(make_step(opt))
+    t0 = time.perf_counter()
+    lowered = jitted.lower(params, state, grads)
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    lower_s.append(t1 - t0)
+    compile_s.append(t2 - t1)
+    total_s.append(t2 - t0)
+  return {
+      "median_s": statistics.median(total_s),
+      "trace_lower_median_s": statistics.median(lower_s),
+      "xla_compile_median_s": statistics.median(compile_s),
+      "all_s": total_s,
+  }
+
+
+def time_steps(shapes: Any, names: Sequence[str], reps: int, warmup: int,
+               seed: int = 0) -> tuple[dict[str, list[float]],
+                                       dict[str, dict[str, Any]]]:
+  """Interleaved step times (seconds) and compiled-executable statistics."""
+  n_params = count_params(shapes)
+  master_params = random_params(shapes, seed)
+  master_grads = random_params(shapes, seed + 1)
+  copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))
+  # A fresh gradient buffer for every call (the step donates it).
+  fresh_grads = jax.jit(
+      lambda tree, scale: jax.tree.map(lambda g: g * scale, tree))
+
+  runs, analyses = {}, {}
+  for name in names:
+    opt = OPTIMIZERS[name]()
+    params = copy(master_params)
+    state = opt.init(params)
+    compiled = jit_step(make_step(opt)).lower(
+        params, state, master_grads).compile()
+    analyses[name] = {
+        "bytes_accessed": _cost(compiled, "bytes accessed"),
+        "flops": _cost(compiled, "flops"),
+        **_memory(compiled),
+    }
+    for key in ("bytes_accessed", "temp_size_in_bytes"):
+      value = analyses[name][key]
+      analyses[name][key + "_per_param"] = (
+          None if value is None else value / n_params)
+    runs[name] = [compiled, params, state]
+
+  times: dict[str, list[float]] = {name: [] for name in names}
+  faults: dict[str, list[int]] = {name: [] for name in names}
+  for rep in range(warmup + reps):
+    # Round-robin, rotating who goes first so no optimizer always follows
+    # the same neighbour.
+    order = list(names[rep % len(names):]) + list(names[:rep % len(names)])
+    for name in order:
+      compiled, params, state = runs[name]
+      grads = fresh_grads(master_grads, jnp.float32(1.0 + 1e-3 * rep))
+      jax.block_until_ready(grads)
+      faults0 = _minor_page_faults()
+      t0 = time.perf_counter()
+      params, state = compiled(params, state, grads)
+      jax.block_until_ready((params, state))
+      elapsed = time.perf_counter() - t0
+      faults1 = _minor_page_faults()
+      runs[name][1:] = [params, state]
+      if rep >= warmup:
+        times[name].append(elapsed)
+        faults[name].append(faults1 - faults0)
+  for name in names:
+    finite = all(bool(jnp.all(jnp.isfinite(x)))
+                 for x in jax.tree.leaves(runs[name][1]))
+    analyses[name]["params_finite_after_run"] = finite
+    # Fresh temporaries are first touched every call: on CPU each new 4 KiB
+    # page costs a minor page fault, which is where their time goes.
+    analyses[name]["minor_page_faults_per_step_median"] = statistics.median(
+        faults[name])
+  del runs
+  return times, analyses
+
+
+def _minor_page_faults() -> int:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def _read_first_line(path: str) -> str:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.readline().strip()
+  except OSError:
+    return ""
+
+
+def _lamb_optax_commit() -> str:
+  """The checkout's commit, with '+dirty' if lamb_optax/ has local changes."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(lamb_optax.__file__)))
+  try:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=root, check=True,
+        capture_output=True, text=True, timeout=10).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "status", "--porcelain", "--", "lamb_optax"], cwd=root,
+        check=True, capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return "unknown"
+  return commit + ("+dirty" if dirty else "")
+
+
+def _cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def environment() -> dict[str, Any]:
+  device = jax.devices()[0]
+  try:
+    usable_cpus = len(os.sched_getaffinity(0))
+  except AttributeError:
+    usable_cpus = os.cpu_count()
+  return {
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "optax": optax.__version__,
+      "lamb_optax": lamb_optax.__version__,
+      "lamb_optax_commit": _lamb_optax_commit(),
+      "python": platform.python_version(),
+      "backend": jax.default_backend(),
+      "device_kind": device.device_kind,
+      "device_count": jax.device_count(),
+      "cpu_count": usable_cpus,
+      "cpu_model": _cpu_model(),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "page_size": resource.getpagesize(),
+      "transparent_hugepage": _read_first_line(
+          "/sys/kernel/mm/transparent_hugepage/enabled"),
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+  }
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+  return "n/a" if value is None else format(value, spec)
+
+
+def markdown(result: dict[str, Any]) -> str:
+  env, cfg = result["environment"], result["config"]
+  lines = [
+      f"jax {env['jax']} / jaxlib {env['jaxlib']} / optax {env['optax']} / "
+      f"lamb_optax {env['lamb_optax']} ({env['lamb_optax_commit']}) on "
+      f"{env['device_kind']} ({env['cpu_model']}, {env['cpu_count']} CPUs); "
+      f"{cfg['n_params']:,} params in {cfg['n_leaves']} leaves "
+      f"({cfg['layers']} layers), median of {cfg['reps']} interleaved steps; "
+      f"compile: {cfg['compile_layers']} layers, {cfg['compile_n_leaves']} "
+      f"leaves, median of {cfg['compile_reps']}.",
+      "",
+      "| optimizer | step ms | x adamw | compile s "
+      f"({cfg['compile_layers']} layers) | x adamw | bytes accessed / param "
+      "| temp bytes / param |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+  ]
+  for name, row in result["optimizers"].items():
+    lines.append(
+        f"| {name} | {row['step_ms_median']:.2f} | "
+        f"{row['step_x_adamw']:.2f} | {row['compile_s_median']:.2f} | "
+        f"{row['compile_x_adamw']:.2f} | "
+        f"{_fmt(row['bytes_accessed_per_param'], '.1f')} | "
+        f"{_fmt(row['temp_size_in_bytes_per_param'], '.2f')} |")
+  lines += ["", "Minor page faults per step (fresh temporaries touched "
+            f"page by page, {env['page_size']} B pages): " + "; ".join(
+                f"{name} {row['minor_page_faults_per_step_median']:,.0f}"
+                for name, row in result["optimizers"].items()) + "."]
+  return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n", 1)[0],
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--reps", type=int, default=20,
+                      help="Timed steps per optimizer (default 20).")
+  parser.add_argument("--warmup", type=int, default=None,
+                      help="Untimed steps per optimizer first (default 3; "
+                      "1 with --quick).")
+  parser.add_argument("--layers", type=int, default=None,
+                      help="Encoder layers of the timed tree (default 12; "
+                      "2 with --quick).")
+  parser.add_argument("--compile-layers", type=int, default=None,
+                      help="Encoder layers of the tree whose compile time is "
+                      "measured (default 24; 2 with --quick).")
+  parser.add_argument("--compile-reps", type=int, default=None,
+                      help="Compilations per optimizer, median reported "
+                      "(default 3; 1 with --quick).")
+  parser.add_argument("--quick", action="store_true",
+                      help="Tiny shapes (hidden 64, vocab 1000) to "
+                      "smoke-test the script in seconds.")
+  parser.add_argument("--out", default=DEFAULT_OUT,
+                      help=f"JSON output path (default {DEFAULT_OUT}).")
+  args = parser.parse_args(argv)
+  quick = args.quick
+
+  def default(value, normal, tiny):
+    return value if value is not None else (tiny if quick else normal)
+
+  args.warmup = default(args.warmup, 3, 1)
+  args.layers = default(args.layers, 12, 2)
+  args.compile_layers = default(args.compile_layers, 24, 2)
+  args.compile_reps = default(args.compile_reps, 3, 1)
+  for flag in ("reps", "layers", "compile_layers", "compile_reps"):
+    if getattr(args, flag) < 1:
+      parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+  if args.warmup < 0:
+    parser.error("--warmup must be >= 0")
+  return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
+  """Runs the benchmark, prints the table, writes JSON; returns the result."""
+  args = parse_args(argv)
+  with warnings.catch_warnings():
+    # The gradients are donated but no output has their shape-and-role to
+    # reuse them once params and state are aliased; XLA says so per leaf.
+    warnings.filterwarnings("ignore", message=DONATION_WARNING)
+    return _run(args)
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+  sizes = (dict(hidden=64, ffn=256, vocab=1000, positions=128) if args.quick
+           else {})
+  shapes = bert_base_shapes(layers=args.layers, **sizes)
+  compile_shapes = bert_base_shapes(layers=args.compile_layers, **sizes)
+  names = list(OPTIMIZERS)
+  n_params = count_params(shapes)
+
+  times, analyses = time_steps(shapes, names, args.reps, args.warmup)
+  compile_times = {name: time_compile(OPTIMIZERS[name], compile_shapes,
+                                      args.compile_reps)
+                   for name in names}
+
+  base_step = statistics.median(times[BASELINE])
+  base_compile = compile_times[BASELINE]["median_s"]
+  rows = {}
+  for name in names:
+    step = statistics.median(times[name])
+    rows[name] = {
+        "step_ms_median": 1e3 * step,
+        "step_ms_min": 1e3 * min(times[name]),
+        "step_ms_all": [1e3 * t for t in times[name]],
+        "step_x_adamw": step / base_step,
+        "compile_s_median": compile_times[name]["median_s"],
+        "compile_trace_lower_s_median":
+            compile_times[name]["trace_lower_median_s"],
+        "compile_xla_s_median": compile_times[name]["xla_compile_median_s"],
+        "compile_s_all": compile_times[name]["all_s"],
+        "compile_x_adamw": compile_times[name]["median_s"] / base_compile,
+        **analyses[name],
+    }
+  result = {
+      "environment": environment(),
+      "config": {
+          "quick": args.quick,
+          "layers": args.layers,
+          "n_params": n_params,
+          "n_leaves": len(jax.tree.leaves(shapes, is_leaf=_is_shape)),
+          "compile_layers": args.compile_layers,
+          "compile_n_params": count_params(compile_shapes),
+          "compile_n_leaves": len(
+              jax.tree.leaves(compile_shapes, is_leaf=_is_shape)),
+          "reps": args.reps,
+          "warmup": args.warmup,
+          "compile_reps": args.compile_reps,
+          "dtype": "float32",
+          "baseline": BASELINE,
+      },
+      "optimizers": rows,
+  }
+  print(markdown(result))
+  out_dir = os.path.dirname(args.out)
+  if out_dir:
+    os.makedirs(out_dir, exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump(result, f, indent=2)
+    f.write("\n")
+  print(f"\nwrote {args.out}")
+  return result
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
