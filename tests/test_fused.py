@@ -16,8 +16,16 @@ import optax
 import pytest
 
 import lamb_optax
+from lamb_optax._src import lamb as lamb_impl
 from conftest import assert_trajectory_close, run_optimizer
 from test_lamb import CASES, LR, _run_reference
+
+
+@pytest.fixture(autouse=True)
+def two_pass_on_every_layer(monkeypatch):
+  """The test trees are small; make every layer take the two-pass route
+  (by default layers under FUSED_MIN_SIZE elements store u)."""
+  monkeypatch.setattr(lamb_impl, "FUSED_MIN_SIZE", 0)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -75,6 +83,17 @@ def _temp_bytes(opt, params):
     compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
         params, state, params).compile()
   return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_small_layers_store_u_in_the_fused_update(monkeypatch):
+  """Below FUSED_MIN_SIZE the fused update stores u (cheap, fewer kernels);
+  above it, it does not."""
+  params = {"w": jnp.ones((64, 64))}
+  opt = lamb_optax.lamb(1e-3, weight_decay=0.01, fused=True)
+  monkeypatch.setattr(lamb_impl, "FUSED_MIN_SIZE", 64 * 64 + 1)
+  assert _temp_bytes(opt, params) >= 64 * 64 * 4
+  monkeypatch.setattr(lamb_impl, "FUSED_MIN_SIZE", 64 * 64)
+  assert _temp_bytes(opt, params) < 64 * 64
 
 
 def test_fused_allocates_no_parameter_sized_temporary():

@@ -93,16 +93,18 @@ def direction(m, v, g, sc: AdamScalars, *, b1, b2, eps, eps_root,
     z = jnp.asarray(z, cdt)
     return z if one is None else z * one.astype(cdt)
 
+  # Divisions by scalars are written as products with reciprocals: XLA may
+  # otherwise rewrite (m / c1) / d into m / (c1 * d) in one kernel and not
+  # in another, and the fused LAMB step needs the same bits in both.
   if nesterov is None:
-    m_hat = m / scalar(sc.c1)
+    m_hat = m * scalar(1.0 / sc.c1)
   else:
-    m_hat = (scalar(b1) * m / scalar(sc.c1_next)
-             + scalar(1.0 - b1) * g / scalar(sc.c1))
+    m_hat = (scalar(b1 / sc.c1_next) * m + scalar((1.0 - b1) / sc.c1) * g)
   if nesterov == "nn":
-    v_hat = (scalar(b2) * v / scalar(sc.c2_next)
-             + scalar(1.0 - b2) * jnp.square(g) / scalar(sc.c2))
+    v_hat = (scalar(b2 / sc.c2_next) * v
+             + scalar((1.0 - b2) / sc.c2) * jnp.square(g))
   else:
-    v_hat = v / scalar(sc.c2)
+    v_hat = v * scalar(1.0 / sc.c2)
   if not (isinstance(eps_root, (int, float)) and eps_root == 0):
     v_hat = v_hat + scalar(eps_root)
   return m_hat / (jnp.sqrt(v_hat) + scalar(eps))

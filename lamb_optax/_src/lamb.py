@@ -19,6 +19,10 @@ from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
 
 
+# Layers with fewer elements store u even in the fused update (see below).
+FUSED_MIN_SIZE = 1 << 16
+
+
 def lamb(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
@@ -238,15 +242,21 @@ def lamb(
       ratio = jnp.ones([], jnp.float32)
       if adapt:
         param_sq = trust_ratio.layer_squared_norms(x)
-        # A runtime 1.0 unique to this leaf (param_sq >= 0), so that the
-        # scalars of the norm pass are neither constants nor shared between
-        # leaves of one shape (see adam.direction).
-        one = 1.0 + jnp.minimum(param_sq, 0.0).astype(jnp.float32)
-        # Bit for bit the `u` above, written so that XLA recomputes it in
-        # the reduction instead of storing it (see adam.direction).
-        u_norm = adam.direction(m, v, g, sc, one=one, **hyper)
-        if decay:
-          u_norm = u_norm + (jnp.asarray(wd, cdt) * one.astype(cdt)) * x.astype(cdt)
+        if x.size < FUSED_MIN_SIZE:
+          # Small layers: storing u costs little, and a second evaluation
+          # would cost XLA more kernels (compile time) than it saves.
+          u_norm = u
+        else:
+          # A runtime 1.0 unique to this leaf (param_sq >= 0), so that the
+          # scalars of the norm pass are neither constants nor shared
+          # between leaves of one shape (see adam.direction).
+          one = 1.0 + jnp.minimum(param_sq, 0.0).astype(jnp.float32)
+          # Bit for bit the `u` above, written so that XLA recomputes it in
+          # the reduction instead of storing it (see adam.direction).
+          u_norm = adam.direction(m, v, g, sc, one=one, **hyper)
+          if decay:
+            u_norm = u_norm + ((jnp.asarray(wd, cdt) * one.astype(cdt))
+                               * x.astype(cdt))
         ratio = trust_ratio.trust_ratio_from_norms(
             jnp.sqrt(param_sq),
             jnp.sqrt(trust_ratio.layer_squared_norms(u_norm)),
