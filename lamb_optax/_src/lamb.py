@@ -85,15 +85,14 @@ def lamb(
   layer: a reduction that recomputes :math:`u_t` from the new moments and
   the parameters, and the elementwise step. :math:`u_t` is never stored, so
   XLA allocates no parameter-sized temporary: the chain (like
-  :func:`optax.lamb`) makes XLA write :math:`u_t` to one, which on CPU costs
-  a page fault per 4 KiB every step (see ``benchmarks/update_step.py``). The
-  price: the norm and the step come from two evaluations of :math:`u_t`
-  that XLA may round differently, so where :math:`u_t` is a near-total
-  cancellation (:math:`\|u_t\| \approx 10^{-7}` of its terms, e.g. decay
-  exactly balancing the Adam direction on a scalar) the step norm is no
-  longer exactly :math:`\eta_t\,\phi(\|x_t\|)`, by a factor bounded by
-  a few float32 ulps of the terms relative to :math:`\|u_t\|`. Elsewhere
-  the two agree to float32 rounding. The default computes :math:`u_t` once.
+  :func:`optax.lamb`) makes XLA write :math:`u_t` to one, which on CPU
+  costs a page fault per 4 KiB every step (see ``benchmarks/update_step.py``).
+  The two evaluations of :math:`u_t` are written so that XLA compiles them
+  to the same arithmetic (they agree bit for bit in the tests, including
+  where decay cancels the Adam direction to rounding), but that rests on
+  how XLA rewrites them: the default, which computes :math:`u_t` once, keeps
+  :math:`\|x_{t+1}-x_t\| = \eta_t\,r_t\|u_t\|` by construction. Layers
+  with fewer than 65536 elements store :math:`u_t` in both modes.
 
   Args:
     learning_rate: :math:`\eta_t`, a scalar or an optax schedule.
