@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from lamb_optax._src import adam
+from lamb_optax._src.checked import checked_chain
 from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
 
@@ -163,32 +164,15 @@ def lamb(
   if not isinstance(fused, bool):
     raise TypeError(f"`fused` must be a bool, got {fused!r}.")
 
-  def init_fn(params):
-    validation.check_float_leaves(params, "params")
-    validation.check_masks(params, weight_decay_mask=weight_decay_mask,
-                           trust_ratio_mask=trust_ratio_mask)
-    return chain.init(params)
-
-  def check_update_args(updates, params):
-    validation.check_params_present(params, "lamb")
-    validation.check_same_structure(params, updates, "updates")
-    validation.check_float_leaves(params, "params")
-    validation.check_float_leaves(updates, "updates")
-    validation.check_masks(params, weight_decay_mask=weight_decay_mask)
-
-  def chain_update_fn(updates, state, params=None):
-    check_update_args(updates, params)
-    new_updates, state = chain.update(updates, state, params)
-    # A float32 decay schedule or clipping would promote bf16 updates.
-    return jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates,
-                        updates), state
-
+  checked = checked_chain(chain, name="lamb",
+                          weight_decay_mask=weight_decay_mask,
+                          trust_ratio_mask=trust_ratio_mask)
   if not fused:
-    return optax.GradientTransformation(init_fn, chain_update_fn)
+    return optax.GradientTransformation(checked.init, checked.update)
 
   def update_fn(updates, state, params=None):
     """The chain's update, computed in two fused passes (see module doc)."""
-    check_update_args(updates, params)
+    checked.check_update_args(updates, params)
     if max_grad_norm is not None:
       clip_state, *state = state
     adam_state, decay_state, trust_state, lr_state = state
@@ -281,4 +265,4 @@ def lamb(
       new_state = (clip_state,) + new_state
     return treedef.unflatten(out_updates), new_state
 
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.GradientTransformation(checked.init, update_fn)

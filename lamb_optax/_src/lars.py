@@ -10,6 +10,7 @@ import optax
 
 from lamb_optax._src import adam
 from lamb_optax._src import trust_ratio
+from lamb_optax._src.checked import checked_chain
 from lamb_optax._src import validation
 
 
@@ -103,23 +104,10 @@ def lars(
       optax.scale_by_learning_rate(learning_rate),
   )
 
-  def init_fn(params):
-    validation.check_float_leaves(params, "params")
-    validation.check_masks(params, weight_decay_mask=weight_decay_mask,
-                           trust_ratio_mask=trust_ratio_mask)
-    return chain.init(params)
-
-  def update_fn(updates, state, params=None):
-    validation.check_params_present(params, "lars")
-    validation.check_same_structure(params, updates, "updates")
-    validation.check_float_leaves(updates, "updates")
-    validation.check_masks(params, weight_decay_mask=weight_decay_mask)
-    new_updates, state = chain.update(updates, state, params)
-    # A float32 weight-decay schedule would otherwise promote bf16 updates.
-    return jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates,
-                        updates), state
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  checked = checked_chain(chain, name="lars",
+                          weight_decay_mask=weight_decay_mask,
+                          trust_ratio_mask=trust_ratio_mask)
+  return optax.GradientTransformation(checked.init, checked.update)
 
 
 def damped_momentum(momentum: float) -> optax.GradientTransformation:
