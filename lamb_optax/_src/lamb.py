@@ -139,6 +139,12 @@ def lamb(
   validation.check_non_negative("weight_decay", weight_decay)
   if max_grad_norm is not None:
     validation.check_positive("max_grad_norm", max_grad_norm)
+  if not isinstance(fused, bool):
+    raise TypeError(f"`fused` must be a bool, got {fused!r}.")
+  param_norm_bounds = validation.check_bounds(
+      "param_norm_bounds", param_norm_bounds)
+  trust_ratio_bounds = validation.check_bounds(
+      "trust_ratio_bounds", trust_ratio_bounds)
   adam_tx = adam.scale_by_adam(
       b1=b1, b2=b2, eps=eps, eps_root=eps_root,
       bias_correction=bias_correction, nesterov=nesterov, mu_dtype=mu_dtype)
@@ -153,17 +159,8 @@ def lamb(
   if max_grad_norm is not None:
     parts.insert(0, optax.clip_by_global_norm(max_grad_norm))
   chain = optax.chain(*parts)
-  # Validated copies of the bounds (check_bounds returns floats).
-  param_norm_bounds = validation.check_bounds(
-      "param_norm_bounds", param_norm_bounds)
-  trust_ratio_bounds = validation.check_bounds(
-      "trust_ratio_bounds", trust_ratio_bounds)
   no_decay = (isinstance(weight_decay, (int, float))
               and not isinstance(weight_decay, bool) and weight_decay == 0)
-
-  if not isinstance(fused, bool):
-    raise TypeError(f"`fused` must be a bool, got {fused!r}.")
-
   checked = checked_chain(chain, name="lamb",
                           weight_decay_mask=weight_decay_mask,
                           trust_ratio_mask=trust_ratio_mask)
@@ -175,7 +172,7 @@ def lamb(
     checked.check_update_args(updates, params)
     if max_grad_norm is not None:
       clip_state, *state = state
-    adam_state, decay_state, trust_state, lr_state = state
+    adam_state, decay_state, _, lr_state = state  # ratios: recomputed
 
     treedef = jax.tree.structure(params)
     flat_params = treedef.flatten_up_to(params)
@@ -219,9 +216,14 @@ def lamb(
         grad_dtypes):
       m, v = adam.moments(g, mu, nu, b1, b2)
       cdt = m.dtype
-      u = adam.direction(m, v, g, sc, **hyper)
-      if decay:
-        u = u + jnp.asarray(wd, cdt) * x.astype(cdt)
+
+      def decayed(u, one=None, decay=decay, x=x, cdt=cdt):
+        if not decay:
+          return u
+        w = jnp.asarray(wd, cdt)
+        return u + (w if one is None else w * one.astype(cdt)) * x.astype(cdt)
+
+      u = decayed(adam.direction(m, v, g, sc, **hyper))
       ratio = jnp.ones([], jnp.float32)
       if adapt:
         param_sq = trust_ratio.layer_squared_norms(x)
@@ -236,10 +238,7 @@ def lamb(
           one = 1.0 + jnp.minimum(param_sq, 0.0).astype(jnp.float32)
           # Bit for bit the `u` above, written so that XLA recomputes it in
           # the reduction instead of storing it (see adam.direction).
-          u_norm = adam.direction(m, v, g, sc, one=one, **hyper)
-          if decay:
-            u_norm = u_norm + ((jnp.asarray(wd, cdt) * one.astype(cdt))
-                               * x.astype(cdt))
+          u_norm = decayed(adam.direction(m, v, g, sc, one=one, **hyper), one)
         ratio = trust_ratio.trust_ratio_from_norms(
             jnp.sqrt(param_sq),
             jnp.sqrt(trust_ratio.layer_squared_norms(u_norm)),
