@@ -143,3 +143,83 @@ def test_fused_step_norm_is_bounded_under_total_cancellation():
 def test_fused_must_be_bool():
   with pytest.raises(TypeError, match="fused"):
     lamb_optax.lamb(1e-3, fused="yes")
+
+
+def _small_tree():
+  k = jax.random.split(jax.random.PRNGKey(3), 3)
+  return {"w": jax.random.normal(k[0], (6, 5)),
+          "b": jax.random.normal(k[1], (5,)) * 0.1,
+          "s": jnp.float32(0.5)}
+
+
+def _grads(i):
+  base = _small_tree()
+  return jax.tree.map(lambda x: jnp.sin(x * (i + 2)) * 10.0 ** (i % 3 - 1),
+                      base)
+
+
+def test_fused_under_inject_hyperparams_matches_chain():
+  """Traced learning rate and weight decay, changed at run time."""
+  kw = dict(learning_rate=1e-2, weight_decay=0.05)
+  fused = optax.inject_hyperparams(lamb_optax.lamb)(fused=True, **kw)
+  plain = optax.inject_hyperparams(lamb_optax.lamb)(**kw)
+  params = _small_tree()
+  sf, sp = fused.init(params), plain.init(params)
+  for i in range(4):
+    if i == 2:
+      for s in (sf, sp):
+        s.hyperparams["learning_rate"] = jnp.asarray(3e-3)
+        s.hyperparams["weight_decay"] = jnp.asarray(0.2)
+    uf, sf = jax.jit(fused.update)(_grads(i), sf, params)
+    up, sp = jax.jit(plain.update)(_grads(i), sp, params)
+    for a, b in zip(jax.tree.leaves(uf), jax.tree.leaves(up)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+    params = optax.apply_updates(params, uf)
+
+
+def test_fused_under_apply_if_finite_skips_nan_steps():
+  opt = optax.apply_if_finite(lamb_optax.lamb(1e-2, weight_decay=0.1,
+                                              fused=True), 3)
+  params = _small_tree()
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  updates, state = update(_grads(0), state, params)
+  params = optax.apply_updates(params, updates)
+  bad = jax.tree.map(lambda g: g.at[...].set(jnp.nan) if g.ndim == 0
+                     else g.at[0].set(jnp.nan), _grads(1))
+  skipped_updates, skipped_state = update(bad, state, params)
+  assert all(np.all(np.asarray(u) == 0) for u in
+             jax.tree.leaves(skipped_updates))
+  for a, b in zip(jax.tree.leaves(skipped_state.inner_state),
+                  jax.tree.leaves(state.inner_state)):
+    np.testing.assert_array_equal(a, b)
+  assert int(skipped_state.notfinite_count) == 1
+
+
+def test_fused_under_multisteps_equals_fused_on_mean_gradient():
+  k = 3
+  params = _small_tree()
+  inner = lamb_optax.lamb(1e-2, weight_decay=0.1, fused=True)
+  multi = optax.MultiSteps(inner, every_k_schedule=k)
+  ms = multi.init(params)
+  for i in range(k):
+    updates, ms = jax.jit(multi.update)(_grads(i), ms, params)
+  mean = jax.tree.map(lambda *g: sum(g) / k, *[_grads(i) for i in range(k)])
+  want, _ = inner.update(mean, inner.init(params), params)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+  assert any(float(jnp.max(jnp.abs(u))) > 0 for u in jax.tree.leaves(updates))
+
+
+def test_fused_errors_name_the_argument():
+  params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
+  opt = lamb_optax.lamb(1e-2, fused=True, trust_ratio_mask={"w": True})
+  with pytest.raises(ValueError, match="trust_ratio_mask"):
+    opt.init(params)
+  opt = lamb_optax.lamb(1e-2, fused=True)
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="params"):
+    opt.update(params, state, None)
+  with pytest.raises(TypeError, match="updates"):
+    opt.update({"w": jnp.ones((3, 3), jnp.int32), "b": jnp.ones(3)}, state,
+               params)
