@@ -9,6 +9,8 @@ from lamb_optax import masks
 from lamb_optax._src.adam import ScaleByAdamState
 from lamb_optax._src.adam import scale_by_adam
 from lamb_optax._src.lamb import lamb
+from lamb_optax._src.layers import axis_names_from_specs
+from lamb_optax._src.layers import layer_axes_from_metadata
 from lamb_optax._src.lars import lars
 from lamb_optax._src.state_utils import trust_ratios
 from lamb_optax._src.trust_ratio import ScaleByTrustRatioState
@@ -19,7 +21,9 @@ __version__ = "0.1.0"
 __all__ = (
     "ScaleByAdamState",
     "ScaleByTrustRatioState",
+    "axis_names_from_specs",
     "lamb",
+    "layer_axes_from_metadata",
     "lars",
     "masks",
     "scale_by_adam",

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import chex
 import jax
 import jax.numpy as jnp
 import optax
 
 from lamb_optax._src import adam
+from lamb_optax._src import layers
 from lamb_optax._src.checked import checked_chain
 from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
@@ -40,11 +40,15 @@ def lamb(
     trust_ratio_bounds: Optional[tuple[float, float]] = None,
     max_grad_norm: Optional[float] = None,
     mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
     fused: bool = False,
 ) -> optax.GradientTransformation:
   r"""The LAMB optimizer (Algorithm 2 of You et al., 2020).
 
-  A *layer* is one leaf of the parameter pytree. At step :math:`t`, for each
+  A *layer* is one leaf of the parameter pytree (or one slice of a stacked
+  leaf, see ``layer_axes``). At step :math:`t`, for each
   layer with parameters :math:`x_t` and gradient :math:`g_t` (globally
   clipped to ``max_grad_norm`` first when it is set, NVIDIA's
   pre-normalisation):
@@ -112,7 +116,18 @@ def lamb(
     trust_ratio_bounds: Optional ``(lo, hi)`` bounds of :math:`r`.
     max_grad_norm: Optional global gradient-norm clip (> 0) applied to the raw
       gradients before the moments.
-    mu_dtype: Optional dtype of the first moment.
+    mu_dtype: Optional dtype of the first moment (e.g. ``jnp.bfloat16`` to
+      halve its memory); None keeps the params' dtype.
+    nu_dtype: Optional dtype of the second moment; None keeps the params'
+      dtype.
+    layer_axes: The axes of stacked leaves that index layers (scanned
+      models), so each layer gets its own ratio; see
+      :func:`lamb_optax.scale_by_trust_ratio` and
+      :func:`lamb_optax.layer_axes_from_metadata`.
+    axis_name: Under ``shard_map``, the mesh axes each leaf is split along;
+      the trust ratio's squared norms and the ``max_grad_norm`` global norm
+      are summed over them. See :func:`lamb_optax.scale_by_trust_ratio` and
+      :func:`lamb_optax.axis_names_from_specs`.
     fused: Compute the update in two fused passes with no parameter-sized
       temporary (faster on CPU; see above).
 
@@ -147,17 +162,19 @@ def lamb(
       "trust_ratio_bounds", trust_ratio_bounds)
   adam_tx = adam.scale_by_adam(
       b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-      bias_correction=bias_correction, nesterov=nesterov, mu_dtype=mu_dtype)
+      bias_correction=bias_correction, nesterov=nesterov, mu_dtype=mu_dtype,
+      nu_dtype=nu_dtype)
   decay_tx = optax.add_decayed_weights(weight_decay, weight_decay_mask)
   trust_tx = trust_ratio.trust_ratio_transform(
       trust_coefficient=1.0, eps=0.0,
       param_norm_bounds=param_norm_bounds,
       trust_ratio_bounds=trust_ratio_bounds,
-      mask=trust_ratio_mask, mask_name="trust_ratio_mask")
+      mask=trust_ratio_mask, mask_name="trust_ratio_mask",
+      layer_axes=layer_axes, axis_name=axis_name)
   lr_tx = optax.scale_by_learning_rate(learning_rate)
   parts = [adam_tx, decay_tx, trust_tx, lr_tx]
   if max_grad_norm is not None:
-    parts.insert(0, optax.clip_by_global_norm(max_grad_norm))
+    parts.insert(0, trust_ratio.clip_by_global_norm(max_grad_norm, axis_name))
   chain = optax.chain(*parts)
   no_decay = (isinstance(weight_decay, (int, float))
               and not isinstance(weight_decay, bool) and weight_decay == 0)
@@ -188,6 +205,8 @@ def lamb(
     flat_adapt = ([True] * len(flat_params) if trust_ratio_mask is None else
                   validation.resolve_mask(
                       trust_ratio_mask, params, "trust_ratio_mask"))
+    flat_axes = layers.resolve_layer_axes(layer_axes, params)
+    flat_names = layers.resolve_axis_names(axis_name, params)
 
     # Scalars of this step, and the states of the scalar-only transforms.
     count = optax.safe_int32_increment(adam_state.count)
@@ -201,8 +220,8 @@ def lamb(
       wd = weight_decay
     grad_dtypes = [g.dtype for g in flat_grads]
     if max_grad_norm is not None:
-      global_norm = jnp.sqrt(sum(trust_ratio.layer_squared_norms(g)
-                                 for g in flat_grads))
+      global_norm = jnp.sqrt(sum(trust_ratio.layer_squared_norms(g, (), n)
+                                 for g, n in zip(flat_grads, flat_names)))
       clip_scale = jnp.where(global_norm < max_grad_norm, 1.0,
                              max_grad_norm / global_norm)
       flat_grads = [(g.astype(adam.compute_dtype(g.dtype))
@@ -211,9 +230,9 @@ def lamb(
     hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root, nesterov=nesterov)
 
     out_updates, out_mu, out_nu, ratios = [], [], [], []
-    for g, mu, nu, x, decay, adapt, dtype in zip(
+    for g, mu, nu, x, decay, adapt, dtype, axes, names in zip(
         flat_grads, flat_mu, flat_nu, flat_params, flat_decay, flat_adapt,
-        grad_dtypes):
+        grad_dtypes, flat_axes, flat_names):
       m, v = adam.moments(g, mu, nu, b1, b2)
       cdt = m.dtype
 
@@ -224,9 +243,9 @@ def lamb(
         return u + (w if one is None else w * one.astype(cdt)) * x.astype(cdt)
 
       u = decayed(adam.direction(m, v, g, sc, **hyper))
-      ratio = jnp.ones([], jnp.float32)
+      ratio = jnp.ones([x.shape[i] for i in axes], jnp.float32)
       if adapt:
-        param_sq = trust_ratio.layer_squared_norms(x)
+        param_sq = trust_ratio.layer_squared_norms(x, axes, names)
         if x.size < FUSED_MIN_SIZE:
           # Small layers: storing u costs little, and a second evaluation
           # would cost XLA more kernels (compile time) than it saves.
@@ -235,18 +254,18 @@ def lamb(
           # A runtime 1.0 unique to this leaf (param_sq >= 0), so that the
           # scalars of the norm pass are neither constants nor shared
           # between leaves of one shape (see adam.direction).
-          one = 1.0 + jnp.minimum(param_sq, 0.0).astype(jnp.float32)
+          one = 1.0 + jnp.minimum(jnp.min(param_sq), 0.0).astype(jnp.float32)
           # Bit for bit the `u` above, written so that XLA recomputes it in
           # the reduction instead of storing it (see adam.direction).
           u_norm = decayed(adam.direction(m, v, g, sc, one=one, **hyper), one)
         ratio = trust_ratio.trust_ratio_from_norms(
             jnp.sqrt(param_sq),
-            jnp.sqrt(trust_ratio.layer_squared_norms(u_norm)),
+            jnp.sqrt(trust_ratio.layer_squared_norms(u_norm, axes, names)),
             param_norm_bounds=param_norm_bounds,
             trust_ratio_bounds=trust_ratio_bounds)
-        chex.assert_shape(ratio, ())
-        chex.assert_type(ratio, jnp.float32)
-      step = (neg_lr * ratio).astype(cdt) * u
+        trust_ratio.check_ratio(ratio, x, axes)
+      step = trust_ratio.expand_ratio((neg_lr * ratio).astype(cdt), u.ndim,
+                                      axes) * u
       out_updates.append(step.astype(dtype))
       out_mu.append(m.astype(mu.dtype))
       out_nu.append(v.astype(nu.dtype))

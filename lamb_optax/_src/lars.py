@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from lamb_optax._src import adam
+from lamb_optax._src import layers
 from lamb_optax._src import trust_ratio
 from lamb_optax._src.checked import checked_chain
 from lamb_optax._src import validation
@@ -25,10 +26,13 @@ def lars(
     trust_ratio_bounds: Optional[tuple[float, float]] = None,
     trust_coefficient: float = 1.0,
     eps: float = 0.0,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
 ) -> optax.GradientTransformation:
   r"""The LARS optimizer as written in Algorithm 1 of You et al. (2020).
 
-  A *layer* is one leaf of the parameter pytree. At step :math:`t`:
+  A *layer* is one leaf of the parameter pytree (or one slice of a stacked
+  leaf, see ``layer_axes``). At step :math:`t`:
 
   .. math::
 
@@ -71,6 +75,10 @@ def lars(
     trust_ratio_bounds: Optional ``(lo, hi)`` bounds of the ratio.
     trust_coefficient: :math:`c` >= 0.
     eps: Added to :math:`\|m_t\|` in the denominator, >= 0.
+    layer_axes: The axes of stacked leaves that index layers (scanned
+      models); see :func:`lamb_optax.scale_by_trust_ratio`.
+    axis_name: Under ``shard_map``, the mesh axes each leaf is split along;
+      see :func:`lamb_optax.scale_by_trust_ratio`.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
@@ -100,7 +108,8 @@ def lars(
           trust_coefficient=trust_coefficient, eps=eps,
           param_norm_bounds=param_norm_bounds,
           trust_ratio_bounds=trust_ratio_bounds,
-          mask=trust_ratio_mask, mask_name="trust_ratio_mask"),
+          mask=trust_ratio_mask, mask_name="trust_ratio_mask",
+          layer_axes=layer_axes, axis_name=axis_name),
       optax.scale_by_learning_rate(learning_rate),
   )
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from lamb_optax._src import adam
+from lamb_optax._src import layers
 from lamb_optax._src import validation
 
 
@@ -17,24 +18,97 @@ class ScaleByTrustRatioState(NamedTuple):
   """State of :func:`scale_by_trust_ratio`.
 
   Attributes:
-    trust_ratios: float32 pytree shaped like the params (one scalar per leaf):
-      the ratios applied by the last update (1 before the first update and for
-      leaves outside the trust-ratio mask). Read it with
+    trust_ratios: float32 pytree shaped like the params, one scalar per leaf
+      (or, with ``layer_axes``, an array with the shape of the leaf's layer
+      axes): the ratios applied by the last update (1 before the first update
+      and for leaves outside the trust-ratio mask). Read it with
       :func:`lamb_optax.trust_ratios`.
   """
 
   trust_ratios: Any
 
 
-def layer_squared_norms(x: chex.Array) -> chex.Array:
-  r"""Squared L2 norm of one layer, computed in (at least) float32.
+def layer_squared_norms(x: chex.Array, layer_axes: tuple[int, ...] = (),
+                        axis_name: tuple[str, ...] = ()) -> chex.Array:
+  r"""Squared L2 norms of the layers of one leaf, in (at least) float32.
 
-  A layer is one leaf: the reduction runs over every axis and gives a scalar.
+  The reduction runs over every axis not in ``layer_axes`` (all of them by
+  default, giving a scalar), so the result has the shape of the layer axes.
   The values are upcast before squaring, so bfloat16/float16 parameters get
-  float32-accurate norms.
+  float32-accurate norms. With ``axis_name`` the local sums are added over
+  those mesh axes (``shard_map``: the leaf is a block of the layer).
   """
   x = x.astype(adam.compute_dtype(x.dtype))
-  return jnp.sum(jnp.square(x))
+  reduce_axes = tuple(i for i in range(x.ndim) if i not in layer_axes)
+  squared = jnp.sum(jnp.square(x), axis=reduce_axes)
+  if axis_name:
+    squared = psum_over(squared, axis_name)
+  return squared
+
+
+def psum_over(value: chex.Array, axis_name: tuple[str, ...]) -> chex.Array:
+  """``lax.psum`` over mesh axes, refusing axes the value does not vary on.
+
+  Under ``shard_map`` a value that is replicated along a mesh axis would be
+  counted once per device on that axis. Where JAX tracks which axes a value
+  varies along (``shard_map`` with ``check_vma=True``, the default) and the
+  value varies along some axes but not one of ``axis_name``, this raises;
+  without that tracking (``check_vma=False``, ``pmap``) it cannot tell. An
+  axis name that is not bound gets an error that names ``axis_name``.
+  """
+  for name in axis_name:
+    try:
+      jax.lax.axis_size(name)
+    except NameError as e:
+      raise ValueError(
+          f"`axis_name` names mesh axis {name!r}, which is not bound here: "
+          "the update must run inside shard_map (or pmap) over a mesh with "
+          f"that axis. ({e})") from e
+  varying = _varying_axes(value)
+  if varying:
+    for name in axis_name:
+      if name not in varying:
+        raise ValueError(
+            f"`axis_name` includes mesh axis {name!r}, but this leaf is "
+            f"replicated along it (it varies only along {sorted(varying)}): "
+            "summing its squared norm over that axis would count it once "
+            f"per device. Leave {name!r} out for this leaf (see "
+            "lamb_optax.axis_names_from_specs).")
+  return jax.lax.psum(value, axis_name)
+
+
+def _varying_axes(value: chex.Array) -> frozenset[str]:
+  """The mesh axes ``value`` varies along, where JAX tracks them."""
+  aval = jax.typeof(value)
+  vma = getattr(aval, "vma", None)
+  if vma is None:
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
+  return frozenset(vma or ())
+
+
+def expand_ratio(ratio: chex.Array, ndim: int,
+                 layer_axes: tuple[int, ...]) -> chex.Array:
+  """Reshapes per-layer ratios to broadcast against the leaf."""
+  if not layer_axes:
+    return ratio
+  return jnp.expand_dims(
+      ratio, tuple(i for i in range(ndim) if i not in layer_axes))
+
+
+def initial_ratios(params: Any, layer_axes: layers.LayerAxesArg) -> Any:
+  """Ones of the layer axes' shape for every leaf (the state before a step)."""
+  flat, treedef = jax.tree.flatten(params)
+  flat_axes = layers.resolve_layer_axes(layer_axes, params)
+  return treedef.unflatten([
+      jnp.ones([x.shape[i] for i in axes], jnp.float32)
+      for x, axes in zip(flat, flat_axes)])
+
+
+def check_ratio(ratio: chex.Array, leaf: chex.Array,
+                layer_axes: tuple[int, ...]) -> None:
+  """chex checks: one float32 ratio per layer of ``leaf``."""
+  chex.assert_shape(ratio, tuple(leaf.shape[i] for i in layer_axes))
+  chex.assert_type(ratio, jnp.float32)
 
 
 def trust_ratio_from_norms(
@@ -64,10 +138,13 @@ def scale_by_trust_ratio(
     param_norm_bounds: Optional[tuple[float, float]] = None,
     trust_ratio_bounds: Optional[tuple[float, float]] = None,
     mask: validation.MaskArg = None,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
 ) -> optax.GradientTransformation:
   r"""Scales each layer's update by its trust ratio.
 
-  A *layer* is one leaf of the parameter pytree. For a layer with parameters
+  A *layer* is one leaf of the parameter pytree, or with ``layer_axes`` one
+  slice of a leaf that stacks several layers. For a layer with parameters
   :math:`x` and incoming update :math:`u`,
 
   .. math::
@@ -101,7 +178,24 @@ def scale_by_trust_ratio(
       on the ratio itself.
     mask: Pytree of bools with the params' structure (or a prefix), or a
       callable ``params -> such a tree``: True where the ratio applies.
-      None applies it to every leaf.
+      None applies it to every leaf. A masked-out stacked leaf gets
+      :math:`r = 1` for all its layers.
+    layer_axes: The axes that index layers, for leaves that stack layers
+      (``nn.scan``/``nnx.scan``): None (every leaf is one layer), an int or
+      tuple of ints for every leaf, a pytree (or prefix) matching the params
+      whose leaves are None, an int or a tuple of ints, or a callable
+      ``params -> such a tree`` (see
+      :func:`lamb_optax.layer_axes_from_metadata`). Norms reduce over the
+      other axes; ratios, bounds and the state take the shape of the layer
+      axes.
+    axis_name: For ``shard_map``: the mesh axes each leaf is split along,
+      over which its squared norms are summed (``lax.psum``). None (no sum),
+      one axis name or a tuple of names for every leaf, or a pytree (or
+      prefix) of per-leaf names (see :func:`lamb_optax.axis_names_from_specs`).
+      Never name an axis along which a leaf is replicated: its norm would
+      be counted once per device on it. Not needed under ``jax.jit`` with
+      ``NamedSharding`` (XLA inserts the sums) nor ``pmap`` with replicated
+      params.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
@@ -126,11 +220,13 @@ def scale_by_trust_ratio(
   return trust_ratio_transform(
       trust_coefficient=trust_coefficient, eps=eps,
       param_norm_bounds=param_norm_bounds,
-      trust_ratio_bounds=trust_ratio_bounds, mask=mask, mask_name="mask")
+      trust_ratio_bounds=trust_ratio_bounds, mask=mask, mask_name="mask",
+      layer_axes=layer_axes, axis_name=axis_name)
 
 
 def trust_ratio_transform(*, trust_coefficient, eps, param_norm_bounds,
-                          trust_ratio_bounds, mask, mask_name):
+                          trust_ratio_bounds, mask, mask_name,
+                          layer_axes=None, axis_name=None):
   """:func:`scale_by_trust_ratio`, naming its mask ``mask_name`` in errors."""
   validation.check_non_negative("trust_coefficient", trust_coefficient)
   validation.check_non_negative("eps", eps)
@@ -142,9 +238,9 @@ def trust_ratio_transform(*, trust_coefficient, eps, param_norm_bounds,
   def init_fn(params):
     validation.check_float_leaves(params, "params")
     validation.check_masks(params, **{mask_name: mask})
+    layers.resolve_axis_names(axis_name, params)
     return ScaleByTrustRatioState(
-        trust_ratios=jax.tree.map(
-            lambda _: jnp.ones([], jnp.float32), params))
+        trust_ratios=initial_ratios(params, layer_axes))
 
   def update_fn(updates, state, params=None):
     validation.check_params_present(params, "scale_by_trust_ratio")
@@ -158,26 +254,58 @@ def trust_ratio_transform(*, trust_coefficient, eps, param_norm_bounds,
       flat_mask = [True] * len(flat_params)
     else:
       flat_mask = validation.resolve_mask(mask, params, mask_name)
+    flat_axes = layers.resolve_layer_axes(layer_axes, params)
+    flat_names = layers.resolve_axis_names(axis_name, params)
 
     new_updates, ratios = [], []
-    for u, x, adapt in zip(flat_updates, flat_params, flat_mask):
+    for u, x, adapt, axes, names in zip(flat_updates, flat_params, flat_mask,
+                                        flat_axes, flat_names):
       if not adapt:
         new_updates.append(u)
-        ratios.append(jnp.ones([], jnp.float32))
+        ratios.append(jnp.ones([x.shape[i] for i in axes], jnp.float32))
         continue
-      param_norm = jnp.sqrt(layer_squared_norms(x))
-      update_norm = jnp.sqrt(layer_squared_norms(u))
+      param_norm = jnp.sqrt(layer_squared_norms(x, axes, names))
+      update_norm = jnp.sqrt(layer_squared_norms(u, axes, names))
       ratio = trust_ratio_from_norms(
           param_norm, update_norm,
           trust_coefficient=trust_coefficient, eps=eps,
           param_norm_bounds=param_norm_bounds,
           trust_ratio_bounds=trust_ratio_bounds)
-      chex.assert_shape(ratio, ())
-      chex.assert_type(ratio, jnp.float32)
+      check_ratio(ratio, x, axes)
       cdt = adam.compute_dtype(u.dtype)
-      new_updates.append((u.astype(cdt) * ratio.astype(cdt)).astype(u.dtype))
+      scale = expand_ratio(ratio.astype(cdt), u.ndim, axes)
+      new_updates.append((u.astype(cdt) * scale).astype(u.dtype))
       ratios.append(ratio)
     return (treedef.unflatten(new_updates),
             ScaleByTrustRatioState(trust_ratios=treedef.unflatten(ratios)))
 
   return optax.GradientTransformation(init_fn, update_fn)
+
+
+def clip_by_global_norm(max_norm: float,
+                        axis_name: layers.AxisNameArg = None
+                        ) -> optax.GradientTransformation:
+  """:func:`optax.clip_by_global_norm`, with the norm summed over mesh axes.
+
+  Without ``axis_name`` this is :func:`optax.clip_by_global_norm` itself.
+  With it (``shard_map``), each leaf's squared norm is first summed over its
+  mesh axes (see :func:`scale_by_trust_ratio`), so every device clips by the
+  norm of the whole gradient.
+  """
+  if axis_name is None:
+    return optax.clip_by_global_norm(max_norm)
+
+  def update_fn(updates, state, params=None):
+    del params
+    flat = jax.tree.leaves(updates)
+    names = layers.resolve_axis_names(axis_name, updates)
+    norm = jnp.sqrt(sum(layer_squared_norms(g, (), n)
+                        for g, n in zip(flat, names)))
+    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
+    return jax.tree.map(
+        lambda g: (g.astype(adam.compute_dtype(g.dtype))
+                   * scale.astype(adam.compute_dtype(g.dtype))).astype(g.dtype),
+        updates), state
+
+  return optax.GradientTransformation(
+      lambda params: optax.EmptyState(), update_fn)
