@@ -6,6 +6,7 @@ References:
 """
 
 from lamb_optax import masks
+from lamb_optax import schedules
 from lamb_optax._src.adam import ScaleByAdamState
 from lamb_optax._src.adam import scale_by_adam
 from lamb_optax._src.lamb import lamb
@@ -28,5 +29,6 @@ __all__ = (
     "masks",
     "scale_by_adam",
     "scale_by_trust_ratio",
+    "schedules",
     "trust_ratios",
 )

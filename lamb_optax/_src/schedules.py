@@ -1,0 +1,709 @@
+r"""The paper's learning-rate recipe: warmup, polynomial decay, LEGW, phases.
+
+You et al. (2020) train BERT with LAMB under one schedule shape: a linear
+warmup from zero, then a polynomial (linear by default) decay to zero. Across
+batch sizes they scale the peak by the square root of the batch-size ratio and
+keep the warmup at a fixed number of *iterations* (LEGW, Linear-Epoch Gradual
+Warmup: the warmup *epochs* grow with the batch size), with a fixed number of
+epochs, so that the total iterations shrink as the batch grows (their Table 4).
+Their fastest runs train in two phases (sequence length 128, then 512), the
+second re-warmed from zero.
+
+Every schedule here is an :data:`optax.Schedule`: it takes the step count
+(a Python int, or the int32 count optax keeps in its state, under ``jit``) and
+returns the learning rate as a float array (float32, or float64 with
+``jax_enable_x64``). Step counts beyond :math:`2^{24}` lose precision in
+float32.
+
+Step-count arguments must be Python (or NumPy) integers, not floats or bools;
+real-valued arguments must be finite real numbers. Fractions and epoch counts
+given as floats are read as the decimals they print as (``0.9`` is 9/10), so
+that budgets which divide evenly give whole step counts.
+"""
+
+from __future__ import annotations
+
+import fractions as fractions_lib
+import math
+import numbers
+from typing import Any, NamedTuple, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lamb_optax._src import validation
+
+Fraction = fractions_lib.Fraction
+
+_FRACTION_TOLERANCE = 1e-6
+
+
+# ---------------------------------------------------------------------------
+# Argument checks.
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+  """Returns ``value`` as an int, or raises naming ``name``."""
+  if (isinstance(value, (bool, np.bool_))
+      or not isinstance(value, numbers.Integral)):
+    raise TypeError(
+        f"`{name}` must be an int (a number of steps, examples or tokens), "
+        f"got {type(value).__name__} {value!r}.")
+  if value < minimum:
+    raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def _check_real(name: str, value: Any, *, positive: bool) -> float:
+  """Returns ``value`` as a finite float (> 0 or >= 0), or raises."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"`{name}` must be a concrete real number, got {type(value).__name__} "
+        f"{value!r}.")
+  if positive:
+    validation.check_positive(name, value)
+  else:
+    validation.check_non_negative(name, value)
+  value = float(value)
+  if not math.isfinite(value):
+    raise ValueError(f"`{name}` must be finite, got {value!r}.")
+  return value
+
+
+def _check_sequence(name: str, value: Any) -> list[Any]:
+  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+    raise TypeError(
+        f"`{name}` must be a sequence (list or tuple) with one entry per "
+        f"phase, got {type(value).__name__} {value!r}.")
+  if not value:
+    raise ValueError(f"`{name}` must have at least one entry, got {value!r}.")
+  return list(value)
+
+
+def _check_same_length(**sequences: list[Any]) -> None:
+  lengths = {name: len(seq) for name, seq in sequences.items()}
+  if len(set(lengths.values())) > 1:
+    shown = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+    raise ValueError(
+        f"One entry per phase: the sequences must have the same length, but "
+        f"{shown}.")
+
+
+def _exact(value: Any) -> Fraction:
+  """A checked real ``value`` as an exact fraction.
+
+  Integers exactly; floats as the shortest decimal that prints as them.
+  """
+  if isinstance(value, numbers.Integral):
+    return Fraction(int(value))
+  return Fraction(repr(float(value)))
+
+
+def _check_fractions(value: Any) -> list[Fraction]:
+  """Positive fractions summing to 1, as exact weights summing to exactly 1."""
+  items = _check_sequence("fractions", value)
+  weights = []
+  for i, f in enumerate(items):
+    _check_real(f"fractions[{i}]", f, positive=True)
+    weights.append(_exact(f))
+  total = sum(weights)
+  if abs(float(total) - 1.0) > _FRACTION_TOLERANCE:
+    raise ValueError(
+        f"`fractions` must sum to 1 (within {_FRACTION_TOLERANCE}), got "
+        f"{value!r} summing to {float(total)!r}.")
+  return [w / total for w in weights]
+
+
+def _ceil(value: Fraction) -> int:
+  return -((-value.numerator) // value.denominator)
+
+
+# ---------------------------------------------------------------------------
+# Schedules.
+
+
+def _warmup_polynomial_decay(peak_value, warmup_steps, total_steps, power,
+                             end_value, where="", power_name="power"):
+  """Validates (naming arguments with the suffix ``where``) and builds."""
+  peak_name = f"peak_values{where}" if where else "peak_value"
+  peak_value = _check_real(peak_name, peak_value, positive=False)
+  end_value = _check_real("end_value", end_value, positive=False)
+  power = _check_real(power_name, power, positive=True)
+  warmup_steps = _check_int(f"warmup_steps{where}", warmup_steps, 0)
+  total_name = f"phase_steps{where}" if where else "total_steps"
+  total_steps = _check_int(total_name, total_steps, 1)
+  if warmup_steps > total_steps:
+    raise ValueError(
+        f"`warmup_steps{where}` ({warmup_steps}) must be <= `{total_name}` "
+        f"({total_steps}).")
+  if end_value > peak_value:
+    raise ValueError(
+        f"`end_value` ({end_value!r}) must be <= `{peak_name}` "
+        f"({peak_value!r}): the schedule decays from the peak to the end.")
+  # T - W is 0 when warmup == total: then no step is in the decay.
+  decay_steps = max(total_steps - warmup_steps, 1)
+
+  def schedule(count: jax.typing.ArrayLike) -> jax.Array:
+    dtype = jnp.result_type(float)
+    step = jnp.maximum(jnp.asarray(count).astype(dtype), 0)
+    # 1 - (t - W) / (T - W), as one division: no cancellation near T.
+    remaining = jnp.clip((total_steps - step) / decay_steps, 0.0, 1.0)
+    value = end_value + (peak_value - end_value) * remaining**power
+    # Exactly the peak at the end of warmup, exactly end_value from the end.
+    value = jnp.where(step == warmup_steps, peak_value, value)
+    value = jnp.where(step >= total_steps, end_value, value)
+    if warmup_steps > 0:
+      value = jnp.where(step < warmup_steps,
+                        peak_value * (step / warmup_steps), value)
+    return value.astype(dtype)
+
+  return schedule
+
+
+def warmup_polynomial_decay(
+    peak_value: float,
+    warmup_steps: int,
+    total_steps: int,
+    power: float = 1.0,
+    end_value: float = 0.0,
+) -> optax.Schedule:
+  r"""Linear warmup from zero, then polynomial decay: BERT's schedule.
+
+  With :math:`\eta` the ``peak_value``, :math:`\eta_{end}` the ``end_value``,
+  :math:`W` the ``warmup_steps``, :math:`T` the ``total_steps`` and :math:`p`
+  the ``power``, the learning rate at step count :math:`t` is
+
+  .. math::
+
+    \eta_t = \begin{cases}
+      \eta \, t / W, & 0 \le t < W, \\
+      \eta_{end} + (\eta - \eta_{end})
+        \left(1 - \frac{t - W}{T - W}\right)^{p}, & W \le t < T, \\
+      \eta_{end}, & t \ge T,
+    \end{cases}
+
+  so :math:`\eta_0 = 0`, :math:`\eta_W = \eta` and :math:`\eta_T =
+  \eta_{end}`, each exactly. :math:`t` is the count optax passes (0 for the
+  first update), so with :math:`W > 0` the first update has learning rate 0.
+  ``warmup_steps=0`` starts the decay at the peak; ``warmup_steps ==
+  total_steps`` warms up for the whole run and drops to ``end_value`` at
+  :math:`T`. Counts below zero read as zero.
+
+  Google's BERT uses ``power=1.0``, ``end_value=0.0``. The same shape as
+  ``optax.join_schedules([optax.linear_schedule(0, peak, W),
+  optax.polynomial_schedule(peak, end, p, T - W)], [W])``, but with the
+  endpoints exact and every argument checked.
+
+  Args:
+    peak_value: :math:`\eta \ge 0`, the learning rate at the end of warmup.
+    warmup_steps: :math:`W`, an int with ``0 <= W <= total_steps``.
+    total_steps: :math:`T \ge 1`, an int: the step count at which the
+      schedule reaches ``end_value``.
+    power: :math:`p > 0`, the power of the decay (1 is linear).
+    end_value: :math:`\eta_{end}`, with ``0 <= end_value <= peak_value``.
+
+  Returns:
+    An :data:`optax.Schedule`: a function from the step count (int or int32
+    array) to the learning rate.
+
+  Examples:
+    >>> from lamb_optax import schedules
+    >>> lr = schedules.warmup_polynomial_decay(
+    ...     peak_value=1e-3, warmup_steps=10, total_steps=110)
+    >>> print(*[f"{float(lr(t)):.5f}" for t in (0, 5, 10, 60, 110, 200)])
+    0.00000 0.00050 0.00100 0.00050 0.00000 0.00000
+    >>> import lamb_optax, optax
+    >>> opt = lamb_optax.lamb(learning_rate=lr)  # also optax.inject_hyperparams
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in
+    76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
+
+    Devlin et al., `BERT: Pre-training of Deep Bidirectional Transformers for
+    Language Understanding <https://arxiv.org/abs/1810.04805>`_, NAACL 2019.
+  """
+  return _warmup_polynomial_decay(peak_value, warmup_steps, total_steps,
+                                  power, end_value)
+
+
+class LEGWConfig(NamedTuple):
+  """The numbers :func:`legw` derives for one batch size.
+
+  Attributes:
+    peak_value: The peak learning rate, the base one times
+      ``sqrt(batch_size / base_batch_size)``.
+    warmup_steps: The warmup iterations: the base ones, at every batch size.
+    total_steps: The iterations of the run:
+      ``ceil(base_total_steps * base_batch_size / batch_size)``.
+  """
+  peak_value: float
+  warmup_steps: int
+  total_steps: int
+
+
+def legw_config(
+    base_learning_rate: float,
+    base_batch_size: int,
+    base_warmup_steps: int,
+    base_total_steps: int,
+    batch_size: int,
+) -> LEGWConfig:
+  r"""The peak, warmup and length of the LEGW recipe at one batch size.
+
+  See :func:`legw`, which builds the schedule from these numbers.
+
+  Args:
+    base_learning_rate: Peak learning rate at ``base_batch_size``, > 0.
+    base_batch_size: Batch size the base recipe was tuned for, an int >= 1.
+    base_warmup_steps: Warmup iterations of the base recipe, an int >= 0.
+    base_total_steps: Iterations of the base recipe, an int >= 1.
+    batch_size: The batch size to scale to, an int >= 1.
+
+  Returns:
+    A :class:`LEGWConfig` ``(peak_value, warmup_steps, total_steps)``.
+
+  Raises:
+    ValueError: if the scaled run would be shorter than its warmup.
+
+  Examples:
+    The paper's Table 4 (untuned LAMB for BERT, square-root scaling and
+    LEGW), from the recipe at batch size 512. The learning rate is printed as
+    the paper writes it, :math:`5 / (2^e \cdot 10^3)`:
+
+    >>> import math
+    >>> from lamb_optax import schedules
+    >>> for batch_size in (512, 1024, 2048, 4096, 8192, 16384, 32768):
+    ...   c = schedules.legw_config(
+    ...       base_learning_rate=5 / (2**3 * 10**3), base_batch_size=512,
+    ...       base_warmup_steps=3125, base_total_steps=1_000_000,
+    ...       batch_size=batch_size)
+    ...   e = math.log2(5e-3 / c.peak_value)
+    ...   print(f"{batch_size:>5}  5/(2^{e:.1f}*10^3)  warmup {c.warmup_steps}"
+    ...         f"  ratio 1/{c.total_steps // c.warmup_steps}"
+    ...         f"  iterations {c.total_steps}")
+      512  5/(2^3.0*10^3)  warmup 3125  ratio 1/320  iterations 1000000
+     1024  5/(2^2.5*10^3)  warmup 3125  ratio 1/160  iterations 500000
+     2048  5/(2^2.0*10^3)  warmup 3125  ratio 1/80  iterations 250000
+     4096  5/(2^1.5*10^3)  warmup 3125  ratio 1/40  iterations 125000
+     8192  5/(2^1.0*10^3)  warmup 3125  ratio 1/20  iterations 62500
+    16384  5/(2^0.5*10^3)  warmup 3125  ratio 1/10  iterations 31250
+    32768  5/(2^0.0*10^3)  warmup 3125  ratio 1/5  iterations 15625
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in
+    76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020, Table 4.
+
+    You et al., `Large-Batch Training for LSTM and Beyond
+    <https://arxiv.org/abs/1901.08256>`_, SC 2019 (LEGW).
+  """
+  base_learning_rate = _check_real("base_learning_rate", base_learning_rate,
+                                   positive=True)
+  base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
+  base_warmup_steps = _check_int("base_warmup_steps", base_warmup_steps, 0)
+  base_total_steps = _check_int("base_total_steps", base_total_steps, 1)
+  batch_size = _check_int("batch_size", batch_size, 1)
+  if base_warmup_steps > base_total_steps:
+    raise ValueError(
+        f"`base_warmup_steps` ({base_warmup_steps}) must be <= "
+        f"`base_total_steps` ({base_total_steps}).")
+  peak_value = base_learning_rate * math.sqrt(batch_size / base_batch_size)
+  # Fixed epochs: the same number of examples, rounded up to whole steps.
+  total_steps = -(-(base_total_steps * base_batch_size) // batch_size)
+  if base_warmup_steps > total_steps:
+    raise ValueError(
+        f"`batch_size` {batch_size} is too large for this recipe: at a fixed "
+        f"number of epochs the run has {total_steps} steps, fewer than the "
+        f"{base_warmup_steps} warmup steps LEGW keeps at every batch size.")
+  return LEGWConfig(peak_value=peak_value, warmup_steps=base_warmup_steps,
+                    total_steps=total_steps)
+
+
+def legw(
+    base_learning_rate: float,
+    base_batch_size: int,
+    base_warmup_steps: int,
+    base_total_steps: int,
+    batch_size: int,
+    decay_power: float = 1.0,
+) -> optax.Schedule:
+  r"""The paper's recipe across batch sizes: sqrt scaling with LEGW warmup.
+
+  Scaling the batch size by :math:`k = B / B_0` from a base recipe
+  (:math:`\eta_0, B_0, W_0, T_0`), at a fixed number of epochs:
+
+  .. math::
+
+    \eta = \eta_0 \sqrt{k}, \qquad W = W_0, \qquad
+    T = \lceil T_0 / k \rceil = \lceil T_0 B_0 / B \rceil,
+
+  then :func:`warmup_polynomial_decay` ``(eta, W, T, power=decay_power)``:
+  linear warmup from 0 over :math:`W` steps, decay to exactly 0 at step
+  :math:`T`. LEGW (Linear-Epoch Gradual Warmup) scales the warmup *epochs*
+  linearly with :math:`k`; an epoch has :math:`k` times fewer iterations, so
+  the warmup *iterations* stay :math:`W_0` at every batch size (and the
+  warmup is a :math:`k` times larger fraction of the run). When :math:`T_0
+  B_0` is not a multiple of :math:`B`, :math:`T` is rounded up, so the run
+  sees at least the base recipe's examples. Read the derived numbers with
+  :func:`legw_config`.
+
+  Args:
+    base_learning_rate: :math:`\eta_0 > 0`, the peak at ``base_batch_size``.
+    base_batch_size: :math:`B_0`, an int >= 1.
+    base_warmup_steps: :math:`W_0`, an int >= 0.
+    base_total_steps: :math:`T_0`, an int >= ``base_warmup_steps``.
+    batch_size: :math:`B`, an int >= 1, with :math:`T \ge W_0`.
+    decay_power: The power of the decay, > 0 (1 is linear, as in the paper).
+
+  Returns:
+    An :data:`optax.Schedule`.
+
+  Examples:
+    The paper's Table 4 recipe at batch size 32K (see :func:`legw_config` for
+    the whole table):
+
+    >>> from lamb_optax import schedules
+    >>> base = dict(base_learning_rate=5 / (2**3 * 10**3),
+    ...             base_batch_size=512, base_warmup_steps=3125,
+    ...             base_total_steps=1_000_000)
+    >>> lr = schedules.legw(**base, batch_size=32768)
+    >>> print(*[f"{float(lr(t)):.3e}" for t in (0, 3125, 9375, 15625)])
+    0.000e+00 5.000e-03 2.500e-03 0.000e+00
+    >>> schedules.legw_config(**base, batch_size=32768)
+    LEGWConfig(peak_value=0.005, warmup_steps=3125, total_steps=15625)
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in
+    76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020, Table 4.
+
+    You et al., `Large-Batch Training for LSTM and Beyond
+    <https://arxiv.org/abs/1901.08256>`_, SC 2019 (LEGW).
+  """
+  config = legw_config(base_learning_rate, base_batch_size, base_warmup_steps,
+                       base_total_steps, batch_size)
+  return _warmup_polynomial_decay(config.peak_value, config.warmup_steps,
+                                  config.total_steps, decay_power, 0.0,
+                                  power_name="decay_power")
+
+
+def mixed_batch(
+    peak_values: Sequence[float],
+    warmup_steps: Sequence[int],
+    phase_steps: Sequence[int],
+    *,
+    power: float = 1.0,
+    end_value: float = 0.0,
+) -> optax.Schedule:
+  r"""Phases run one after the other, each warmed up again from zero.
+
+  Phase :math:`i` starts at step :math:`S_i = \sum_{j<i} T_j` (with
+  :math:`T_j` the ``phase_steps``) and follows its own
+  :func:`warmup_polynomial_decay`:
+
+  .. math::
+
+    \eta_t = \mathrm{wpd}(\eta_i, W_i, T_i)(t - S_i)
+    \quad \text{for } S_i \le t < S_i + T_i,
+
+  so the learning rate is 0 at the first step of every phase, peaks at
+  :math:`\eta_i` after :math:`W_i` steps of it and decays to ``end_value`` at
+  its end. After the last phase it stays at ``end_value``. This is the
+  paper's mixed-batch training of BERT: phase 1 at sequence length 128, phase
+  2 at 512 with a larger per-example cost and a smaller batch, re-warmed
+  because the loss landscape changes with the sequence length. Pair it with
+  :func:`split_steps`, :func:`phase_steps_from_epochs` or
+  :func:`phase_steps_from_tokens` for the phase lengths.
+
+  Args:
+    peak_values: One peak learning rate per phase, each >= 0.
+    warmup_steps: One int per phase, ``0 <= warmup_steps[i] <=
+      phase_steps[i]``.
+    phase_steps: One int >= 1 per phase: its number of steps.
+    power: The power of every phase's decay, > 0.
+    end_value: The value every phase decays to, ``0 <= end_value <=
+      min(peak_values)``.
+
+  Returns:
+    An :data:`optax.Schedule`.
+
+  Examples:
+    >>> from lamb_optax import schedules
+    >>> lr = schedules.mixed_batch(
+    ...     peak_values=(4e-3, 2e-3), warmup_steps=(20, 10),
+    ...     phase_steps=(90, 30))
+    >>> print(*[f"{float(lr(t)):.4f}" for t in (0, 20, 89, 90, 100, 120)])
+    0.0000 0.0040 0.0001 0.0000 0.0020 0.0000
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in
+    76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020, Section 4.1.
+  """
+  peak_values = _check_sequence("peak_values", peak_values)
+  warmup_steps = _check_sequence("warmup_steps", warmup_steps)
+  phase_steps = _check_sequence("phase_steps", phase_steps)
+  _check_same_length(peak_values=peak_values, warmup_steps=warmup_steps,
+                     phase_steps=phase_steps)
+  phases = [
+      _warmup_polynomial_decay(peak, warmup, steps, power, end_value,
+                               where=f"[{i}]")
+      for i, (peak, warmup, steps) in enumerate(
+          zip(peak_values, warmup_steps, phase_steps))
+  ]
+  boundaries = np.cumsum([int(s) for s in phase_steps])[:-1].tolist()
+  return optax.join_schedules(phases, boundaries)
+
+
+# ---------------------------------------------------------------------------
+# Phase lengths.
+
+
+def split_steps(
+    total_steps: int,
+    fractions: Sequence[float] = (0.9, 0.1),
+) -> tuple[int, ...]:
+  r"""Splits a number of steps between phases, summing exactly to it.
+
+  Phase :math:`i` gets :math:`\lfloor f_i T \rfloor` steps; the steps left
+  over go one each to the phases with the largest remainders :math:`f_i T -
+  \lfloor f_i T \rfloor` (the earlier phase on ties): largest-remainder
+  rounding. A phase that would get 0 steps takes one from the longest phase,
+  so every phase has at least one step.
+
+  Args:
+    total_steps: :math:`T`, an int >= ``len(fractions)``.
+    fractions: :math:`f_i > 0`, one per phase, summing to 1 (within 1e-6;
+      they are then normalised). The paper's 9:1 by default.
+
+  Returns:
+    A tuple of ints, one per phase, each >= 1, summing to ``total_steps``.
+
+  Examples:
+    >>> from lamb_optax import schedules
+    >>> schedules.split_steps(8599)
+    (7739, 860)
+    >>> schedules.split_steps(10, (1/3, 1/3, 1/3))
+    (4, 3, 3)
+  """
+  weights = _check_fractions(fractions)
+  total_steps = _check_int("total_steps", total_steps, 1)
+  if total_steps < len(weights):
+    raise ValueError(
+        f"`total_steps` ({total_steps}) must be >= the number of phases "
+        f"({len(weights)}) so that every phase gets a step.")
+  quotas = [w * total_steps for w in weights]
+  steps = [math.floor(q) for q in quotas]
+  by_remainder = sorted(range(len(quotas)),
+                        key=lambda i: (-(quotas[i] - steps[i]), i))
+  for i in by_remainder[:total_steps - sum(steps)]:
+    steps[i] += 1
+  for i in range(len(steps)):
+    if steps[i] == 0:
+      longest = max(range(len(steps)), key=lambda j: (steps[j], -j))
+      steps[longest] -= 1
+      steps[i] += 1
+  assert sum(steps) == total_steps and min(steps) >= 1
+  return tuple(steps)
+
+
+def _phase_steps(budget: Fraction, per_step: list[int],
+                 weights: list[Fraction]) -> tuple[int, ...]:
+  return tuple(_ceil(w * budget / n) for w, n in zip(weights, per_step))
+
+
+def phase_steps_from_epochs(
+    epochs: float,
+    num_examples: int,
+    batch_sizes: Sequence[int],
+    fractions: Sequence[float] = (0.9, 0.1),
+) -> tuple[int, ...]:
+  r"""Steps per phase for an epoch budget, each phase at its own batch size.
+
+  Phase :math:`i` trains on the fraction :math:`f_i` of the
+  :math:`E \cdot N` examples at batch size :math:`B_i`:
+
+  .. math::
+
+    T_i = \lceil f_i E N / B_i \rceil,
+
+  rounded up so that the budget is covered (a phase may see up to one batch
+  more than its share). The arithmetic is exact (``epochs`` and
+  ``fractions`` are read as the decimals they print as).
+
+  Args:
+    epochs: :math:`E > 0`, passes over the data (int or float).
+    num_examples: :math:`N`, an int >= 1: examples (sequences) per epoch.
+    batch_sizes: One int >= 1 per phase.
+    fractions: :math:`f_i > 0`, one per phase, summing to 1. The paper's 9:1
+      by default.
+
+  Returns:
+    A tuple of ints, one per phase, each >= 1.
+
+  Examples:
+    The paper's BERT budget (1M iterations at batch size 512, Table 4) in
+    the mixed-batch setting: phase 1 (sequence length 128) at batch size
+    65536, phase 2 (sequence length 512) at 32768. The paper reports 8599
+    iterations for this setting:
+
+    >>> from lamb_optax import schedules
+    >>> steps = schedules.phase_steps_from_epochs(
+    ...     epochs=1, num_examples=512 * 1_000_000,
+    ...     batch_sizes=(65536, 32768))
+    >>> steps, sum(steps)
+    ((7032, 1563), 8595)
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in
+    76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
+  """
+  weights = _check_fractions(fractions)
+  _check_real("epochs", epochs, positive=True)
+  epochs = _exact(epochs)
+  num_examples = _check_int("num_examples", num_examples, 1)
+  batch_sizes = [
+      _check_int(f"batch_sizes[{i}]", b, 1)
+      for i, b in enumerate(_check_sequence("batch_sizes", batch_sizes))]
+  _check_same_length(batch_sizes=batch_sizes, fractions=weights)
+  return _phase_steps(epochs * num_examples, batch_sizes, weights)
+
+
+def phase_steps_from_tokens(
+    total_tokens: Union[int, float],
+    batch_sizes: Sequence[int],
+    sequence_lengths: Sequence[int],
+    fractions: Sequence[float] = (0.9, 0.1),
+) -> tuple[int, ...]:
+  r"""Steps per phase for a token budget, at each phase's batch and length.
+
+  Phase :math:`i` trains on the fraction :math:`f_i` of the :math:`K` tokens
+  with batches of :math:`B_i` sequences of :math:`L_i` tokens:
+
+  .. math::
+
+    T_i = \lceil f_i K / (B_i L_i) \rceil,
+
+  rounded up so that the budget is covered, with exact arithmetic.
+
+  Args:
+    total_tokens: :math:`K > 0`, the token budget (int, or a float such as
+      ``6e10``).
+    batch_sizes: One int >= 1 per phase (sequences per batch).
+    sequence_lengths: One int >= 1 per phase (tokens per sequence).
+    fractions: :math:`f_i > 0`, the share of the *token* budget of each
+      phase, summing to 1. 9:1 by default.
+
+  Returns:
+    A tuple of ints, one per phase, each >= 1.
+
+  Examples:
+    The paper's two BERT phases (sequence length 128 at batch size 65536,
+    then 512 at 32768) on a budget of 60 billion tokens:
+
+    >>> from lamb_optax import schedules
+    >>> schedules.phase_steps_from_tokens(
+    ...     total_tokens=60e9, batch_sizes=(65536, 32768),
+    ...     sequence_lengths=(128, 512))
+    (6438, 358)
+  """
+  weights = _check_fractions(fractions)
+  _check_real("total_tokens", total_tokens, positive=True)
+  batch_sizes = [
+      _check_int(f"batch_sizes[{i}]", b, 1)
+      for i, b in enumerate(_check_sequence("batch_sizes", batch_sizes))]
+  sequence_lengths = [
+      _check_int(f"sequence_lengths[{i}]", n, 1)
+      for i, n in enumerate(_check_sequence("sequence_lengths",
+                                            sequence_lengths))]
+  _check_same_length(batch_sizes=batch_sizes,
+                     sequence_lengths=sequence_lengths, fractions=weights)
+  per_step = [b * n for b, n in zip(batch_sizes, sequence_lengths)]
+  return _phase_steps(_exact(total_tokens), per_step, weights)
+
+
+# ---------------------------------------------------------------------------
+# Batch-size scaling rules.
+
+
+def _scaled(base_learning_rate, factor):
+  if callable(base_learning_rate):
+    def schedule(count):
+      return factor * base_learning_rate(count)
+    return schedule
+  return factor * _check_real("base_learning_rate", base_learning_rate,
+                              positive=False)
+
+
+def sqrt_scaled(
+    base_learning_rate: optax.ScalarOrSchedule,
+    base_batch_size: int,
+    batch_size: int,
+) -> optax.ScalarOrSchedule:
+  r"""Square-root scaling of a learning rate with the batch size.
+
+  .. math::
+
+    \eta(B) = \eta(B_0) \sqrt{B / B_0},
+
+  the rule the paper uses for LAMB across batch sizes (with LEGW warmup, see
+  :func:`legw`).
+
+  Args:
+    base_learning_rate: :math:`\eta(B_0)`: a real number >= 0, or an optax
+      schedule (every value of it is scaled).
+    base_batch_size: :math:`B_0`, an int >= 1.
+    batch_size: :math:`B`, an int >= 1.
+
+  Returns:
+    A float when ``base_learning_rate`` is a number, else an
+    :data:`optax.Schedule`.
+
+  Examples:
+    >>> from lamb_optax import schedules
+    >>> schedules.sqrt_scaled(1e-3, base_batch_size=256, batch_size=4096)
+    0.004
+
+  References:
+    You et al., `Large Batch Optimization for Deep Learning: Training BERT in
+    76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
+  """
+  base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
+  batch_size = _check_int("batch_size", batch_size, 1)
+  return _scaled(base_learning_rate, math.sqrt(batch_size / base_batch_size))
+
+
+def linear_scaled(
+    base_learning_rate: optax.ScalarOrSchedule,
+    base_batch_size: int,
+    batch_size: int,
+) -> optax.ScalarOrSchedule:
+  r"""Linear scaling of a learning rate with the batch size.
+
+  .. math::
+
+    \eta(B) = \eta(B_0) \, B / B_0,
+
+  Goyal et al.'s rule for SGD (with LARS, the paper's ImageNet baselines).
+
+  Args:
+    base_learning_rate: :math:`\eta(B_0)`: a real number >= 0, or an optax
+      schedule (every value of it is scaled).
+    base_batch_size: :math:`B_0`, an int >= 1.
+    batch_size: :math:`B`, an int >= 1.
+
+  Returns:
+    A float when ``base_learning_rate`` is a number, else an
+    :data:`optax.Schedule`.
+
+  Examples:
+    >>> from lamb_optax import schedules
+    >>> schedules.linear_scaled(0.1, base_batch_size=256, batch_size=8192)
+    3.2
+
+  References:
+    Goyal et al., `Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour
+    <https://arxiv.org/abs/1706.02677>`_, 2017.
+  """
+  base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
+  batch_size = _check_int("batch_size", batch_size, 1)
+  return _scaled(base_learning_rate, batch_size / base_batch_size)
