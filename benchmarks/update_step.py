@@ -66,6 +66,30 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "lamb_optax.lars": lambda: lamb_optax.lars(1e-3, weight_decay=0.01),
 }
 
+# The same model with its encoder layers stacked into (layers, ...) leaves, as
+# flax.linen.scan / nnx.scan store them. Rows are compared with AdamW on the
+# same stacked tree. optax.lamb computes one ratio for the whole stack (a
+# different algorithm); lamb_optax gets one ratio per layer from layer_axes.
+SCANNED_BASELINE = "optax.adamw [scanned]"
+SCANNED_LAYER_AXES = {"embeddings": None, "encoder": 0, "pooler": None}
+SCANNED_OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    SCANNED_BASELINE: OPTIMIZERS["optax.adamw"],
+    "optax.lamb [scanned, one ratio per stack]": OPTIMIZERS["optax.lamb"],
+    "lamb_optax.lamb(layer_axes) (BERT masks) [scanned]":
+        lambda: lamb_optax.lamb(
+            1e-3, weight_decay=0.01, layer_axes=SCANNED_LAYER_AXES,
+            weight_decay_mask=lamb_optax.masks.exclude_bias_and_norm(),
+            trust_ratio_mask=lamb_optax.masks.exclude_bias_and_norm()),
+    "lamb_optax.lamb(layer_axes, fused=True) (BERT masks) [scanned]":
+        lambda: lamb_optax.lamb(
+            1e-3, weight_decay=0.01, layer_axes=SCANNED_LAYER_AXES,
+            fused=True,
+            weight_decay_mask=lamb_optax.masks.exclude_bias_and_norm(),
+            trust_ratio_mask=lamb_optax.masks.exclude_bias_and_norm()),
+    "lamb_optax.lars(layer_axes) [scanned]": lambda: lamb_optax.lars(
+        1e-3, weight_decay=0.01, layer_axes=SCANNED_LAYER_AXES),
+}
+
 
 def bert_base_shapes(
     layers: int = 12,
@@ -74,6 +98,7 @@ def bert_base_shapes(
     vocab: int = 30522,
     positions: int = 512,
     token_types: int = 2,
+    scanned: bool = False,
 ) -> dict[str, Any]:
   """The parameter shapes of BERT-base, as a nested dict named like Flax linen.
 
@@ -89,10 +114,15 @@ def bert_base_shapes(
     vocab: Vocabulary size.
     positions: Number of position embeddings.
     token_types: Number of token-type embeddings.
+    scanned: Stack the encoder layers into leaves of shape ``(layers, ...)``
+      under ``shapes['encoder']`` (as ``nn.scan`` does) instead of one
+      subtree per layer.
 
   Returns:
     A nested dict whose leaves are shape tuples, e.g.
-    ``shapes['encoder']['layer_3']['attention']['query']['kernel']``.
+    ``shapes['encoder']['layer_3']['attention']['query']['kernel']``, or
+    ``shapes['encoder']['attention']['query']['kernel'] == (layers, 768,
+    768)`` when scanned.
   """
   def dense(n_in, n_out):
     return {"kernel": (n_in, n_out), "bias": (n_out,)}
@@ -118,7 +148,10 @@ def bert_base_shapes(
           "token_type_embeddings": {"embedding": (token_types, hidden)},
           "LayerNorm_0": layer_norm(),
       },
-      "encoder": {f"layer_{i}": encoder_layer() for i in range(layers)},
+      "encoder": (
+          jax.tree.map(lambda s: (layers,) + s, encoder_layer(),
+                       is_leaf=_is_shape) if scanned else
+          {f"layer_{i}": encoder_layer() for i in range(layers)}),
       "pooler": dense(hidden, hidden),
   }
 
@@ -356,6 +389,10 @@ def markdown(result: dict[str, Any]) -> str:
       f"compile: {cfg['compile_layers']} layers, {cfg['compile_n_leaves']} "
       f"leaves, median of {cfg['compile_reps']}.",
       "",
+      "Rows marked [scanned] use the same model with its encoder layers "
+      "stacked into (layers, ...) leaves and compare with AdamW on that "
+      "tree.",
+      "",
       "| optimizer | step ms | x adamw | compile s "
       f"({cfg['compile_layers']} layers) | x adamw | bytes accessed / param "
       "| temp bytes / param |",
@@ -426,25 +463,27 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     return _run(args)
 
 
-def _run(args: argparse.Namespace) -> dict[str, Any]:
-  sizes = (dict(hidden=64, ffn=256, vocab=1000, positions=128) if args.quick
-           else {})
-  shapes = bert_base_shapes(layers=args.layers, **sizes)
-  compile_shapes = bert_base_shapes(layers=args.compile_layers, **sizes)
-  names = list(OPTIMIZERS)
-  n_params = count_params(shapes)
-
-  times, analyses = time_steps(shapes, names, args.reps, args.warmup)
-  compile_times = {name: time_compile(OPTIMIZERS[name], compile_shapes,
+def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
+          baseline: str, shapes: Any, compile_shapes: Any,
+          args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+  """Times one group of optimizers on one tree, relative to ``baseline``."""
+  saved = dict(OPTIMIZERS)
+  OPTIMIZERS.update(factories)
+  try:
+    times, analyses = time_steps(shapes, names, args.reps, args.warmup)
+  finally:
+    OPTIMIZERS.clear()
+    OPTIMIZERS.update(saved)
+  compile_times = {name: time_compile(factories[name], compile_shapes,
                                       args.compile_reps)
                    for name in names}
-
-  base_step = statistics.median(times[BASELINE])
-  base_compile = compile_times[BASELINE]["median_s"]
+  base_step = statistics.median(times[baseline])
+  base_compile = compile_times[baseline]["median_s"]
   rows = {}
   for name in names:
     step = statistics.median(times[name])
     rows[name] = {
+        "baseline": baseline,
         "step_ms_median": 1e3 * step,
         "step_ms_min": 1e3 * min(times[name]),
         "step_ms_all": [1e3 * t for t in times[name]],
@@ -457,6 +496,22 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         "compile_x_adamw": compile_times[name]["median_s"] / base_compile,
         **analyses[name],
     }
+  return rows
+
+
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+  sizes = (dict(hidden=64, ffn=256, vocab=1000, positions=128) if args.quick
+           else {})
+  shapes = bert_base_shapes(layers=args.layers, **sizes)
+  compile_shapes = bert_base_shapes(layers=args.compile_layers, **sizes)
+  n_params = count_params(shapes)
+  rows = _rows(list(OPTIMIZERS), OPTIMIZERS, BASELINE, shapes,
+               compile_shapes, args)
+  rows.update(_rows(
+      list(SCANNED_OPTIMIZERS), SCANNED_OPTIMIZERS, SCANNED_BASELINE,
+      bert_base_shapes(layers=args.layers, scanned=True, **sizes),
+      bert_base_shapes(layers=args.compile_layers, scanned=True, **sizes),
+      args))
   result = {
       "environment": environment(),
       "config": {

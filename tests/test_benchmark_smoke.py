@@ -5,7 +5,10 @@ import json
 import math
 import pathlib
 
+import jax
 import pytest
+
+import lamb_optax
 
 _SCRIPT = (pathlib.Path(__file__).resolve().parents[1] / "benchmarks" /
            "update_step.py")
@@ -18,6 +21,11 @@ EXPECTED_OPTIMIZERS = (
     "lamb_optax.lamb(fused=True)",
     "lamb_optax.lamb(fused=True) (BERT masks)",
     "lamb_optax.lars",
+    "optax.adamw [scanned]",
+    "optax.lamb [scanned, one ratio per stack]",
+    "lamb_optax.lamb(layer_axes) (BERT masks) [scanned]",
+    "lamb_optax.lamb(layer_axes, fused=True) (BERT masks) [scanned]",
+    "lamb_optax.lars(layer_axes) [scanned]",
 )
 
 
@@ -53,6 +61,24 @@ def test_bert_base_has_110m_params(update_step):
   assert shapes["embeddings"]["word_embeddings"]["embedding"] == (30522, 768)
 
 
+def test_scanned_tree_stacks_the_encoder_layers(update_step):
+  unrolled = update_step.bert_base_shapes(layers=3)
+  scanned = update_step.bert_base_shapes(layers=3, scanned=True)
+  assert update_step.count_params(scanned) == update_step.count_params(
+      unrolled)
+  assert scanned["encoder"]["attention"]["query"]["kernel"] == (3, 768, 768)
+  assert scanned["encoder"]["LayerNorm_1"]["scale"] == (3, 768)
+  assert (scanned["embeddings"]["word_embeddings"]["embedding"]
+          == unrolled["embeddings"]["word_embeddings"]["embedding"])
+  # The benchmark's layer_axes give one ratio per stacked layer.
+  params = update_step.abstract_params(scanned)
+  opt = update_step.SCANNED_OPTIMIZERS[
+      "lamb_optax.lamb(layer_axes) (BERT masks) [scanned]"]()
+  ratios = lamb_optax.trust_ratios(jax.eval_shape(opt.init, params))
+  assert ratios["encoder"]["attention"]["query"]["kernel"].shape == (3,)
+  assert ratios["pooler"]["kernel"].shape == ()
+
+
 def test_quick_run_writes_every_optimizer(update_step, tmp_path, capsys):
   out = tmp_path / "results" / "update_step.json"
   update_step.main(["--quick", "--reps", "2", "--out", str(out)])
@@ -65,6 +91,11 @@ def test_quick_run_writes_every_optimizer(update_step, tmp_path, capsys):
     assert len(row["step_ms_all"]) == 2
     assert row["params_finite_after_run"], name
   assert result["optimizers"]["optax.adamw"]["step_x_adamw"] == 1.0
+  scanned = result["optimizers"]["optax.adamw [scanned]"]
+  assert scanned["step_x_adamw"] == 1.0
+  assert scanned["baseline"] == "optax.adamw [scanned]"
+  assert (result["optimizers"]["lamb_optax.lamb(layer_axes) (BERT masks) "
+                               "[scanned]"]["baseline"] == scanned["baseline"])
   assert result["config"]["quick"] and result["config"]["reps"] == 2
   table = capsys.readouterr().out
   for name in EXPECTED_OPTIMIZERS:
