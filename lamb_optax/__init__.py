@@ -6,6 +6,7 @@ References:
 """
 
 from lamb_optax import masks
+from lamb_optax import presets
 from lamb_optax import schedules
 from lamb_optax._src.adam import ScaleByAdamState
 from lamb_optax._src.adam import scale_by_adam
@@ -27,6 +28,7 @@ __all__ = (
     "layer_axes_from_metadata",
     "lars",
     "masks",
+    "presets",
     "scale_by_adam",
     "scale_by_trust_ratio",
     "schedules",
