@@ -234,7 +234,8 @@ def layer_axes_from_metadata(tree: Any,
     >>> lamb_optax.layer_axes_from_metadata(specs)
     {'blocks': {'kernel': (0,)}, 'head': {'kernel': None}}
   """
-  names = (layer_names,) if isinstance(layer_names, str) else tuple(layer_names)
+  names = ((layer_names,) if isinstance(layer_names, str) else
+           tuple(layer_names) if isinstance(layer_names, (tuple, list)) else ())
   if not names or not all(isinstance(n, str) for n in names):
     raise TypeError("`layer_names` must be a str or a sequence of str, got "
                     f"{layer_names!r}.")
@@ -248,7 +249,11 @@ def layer_axes_from_metadata(tree: Any,
     return axes or None
 
   def is_leaf(x):
-    return _spec_entries(x) is not None or x is None
+    # An nnx.Variable is one leaf even without sharding metadata (e.g. a
+    # LayerNorm scale): mapping into it would leave the Variable box in the
+    # result, which then fits neither the pure params nor nnx.as_pure(state).
+    return (_spec_entries(x) is not None or x is None
+            or callable(getattr(x, "get_metadata", None)))
 
   return jax.tree.map(axes_of, tree, is_leaf=is_leaf)
 

@@ -65,7 +65,7 @@ def psum_over(value: chex.Array, axis_name: tuple[str, ...]) -> chex.Array:
           "the update must run inside shard_map (or pmap) over a mesh with "
           f"that axis. ({e})") from e
   varying = _varying_axes(value)
-  if varying:
+  if varying or _tracks_varying_axes():
     for name in axis_name:
       if name not in varying:
         raise ValueError(
@@ -75,6 +75,19 @@ def psum_over(value: chex.Array, axis_name: tuple[str, ...]) -> chex.Array:
             f"per device. Leave {name!r} out for this leaf (see "
             "lamb_optax.axis_names_from_specs).")
   return jax.lax.psum(value, axis_name)
+
+
+def _tracks_varying_axes() -> bool:
+  """Whether JAX tracks varying axes here (``shard_map(check_vma=True)``).
+
+  Then a value that varies along no axis is replicated along all of them.
+  JAX has no public accessor for this (0.10); without it, assume not.
+  """
+  try:
+    from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
+    return bool(jax_config._check_vma.value)  # pylint: disable=protected-access
+  except (ImportError, AttributeError):
+    return False
 
 
 def _varying_axes(value: chex.Array) -> frozenset[str]:
