@@ -183,11 +183,6 @@ def _spec_entries(spec: Any) -> Optional[tuple[Any, ...]]:
   return None
 
 
-def _is_annotation(x: Any) -> bool:
-  return (isinstance(x, PartitionSpec) or x is None
-          or hasattr(x, "names") or callable(getattr(x, "get_metadata", None)))
-
-
 def _entry_names(entry: Any) -> tuple[str, ...]:
   if entry is None:
     return ()
@@ -224,7 +219,14 @@ def layer_axes_from_metadata(tree: Any,
   Returns:
     A pytree with the structure of the (unboxed) params whose leaves are
     ``None`` (the leaf is one layer) or a tuple of ints, ready for
-    ``layer_axes=``.
+    ``layer_axes=``. For an ``nnx.State`` it is an ``nnx.State`` (it fits
+    ``nnx.Optimizer``; use ``nnx.to_pure_dict`` on it for pure-dict params).
+
+  Stacked leaves that carry no partitioning metadata (e.g. a LayerNorm scale
+  created without ``with_partitioning``) get ``None``: the whole stack is then
+  one layer. That is harmless when they are outside the trust-ratio mask (BERT's
+  convention), but annotate them, or give their ``layer_axes`` by hand, if
+  their ratio matters.
 
   Examples:
     >>> from jax.sharding import PartitionSpec as P
