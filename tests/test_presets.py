@@ -10,6 +10,7 @@ reference alone, that the switch changes the trajectory relative to ``base``
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -230,6 +231,9 @@ DEFAULTS = {
                   weight_decay=None, weight_decay_mask=None,
                   max_grad_norm=None),
 }
+# Every preset also takes lamb_optax.lamb's layer_axes and axis_name.
+for _defaults in DEFAULTS.values():
+  _defaults.update(layer_axes=None, axis_name=None)
 
 
 @pytest.mark.parametrize("peer", list(PEERS))
@@ -393,3 +397,138 @@ def test_public_face():
       "timm", "torch_optimizer"}
   for name in presets.__all__:
     assert getattr(presets, name).__doc__
+
+
+# --------------------------------------------------------------------------
+# layer_axes and axis_name: a stacked leaf trained with layer_axes is the
+# preset run on its slices as separate leaves.
+# --------------------------------------------------------------------------
+
+# 'stack' stacks 3 layers along axis 0 with scales 1e-2, 1 and 1e2 (a norm of
+# the whole stack would be the last slice's); 'kern' stacks 2 along its last
+# axis, the second one zero (r = 1 there only).
+STACK_SCALES = (1e-2, 1.0, 1e2)
+STACK_AXES = {"stack": 0, "kern": -1, "b": None}
+STACK_MASK = {"stack": True, "kern": True, "b": False}
+STACK_STEPS = 6
+STACK_CASES = {
+    # Default clip to 1.0 (every step) and the decay-gated ratio.
+    "nvlamb": {**LW, "weight_decay_mask": STACK_MASK},
+    "timm": {**LW, "weight_decay_mask": STACK_MASK, "max_grad_norm": 3.0},
+    # clamp_value binds on the 1e2 slice only; debias after the ratio.
+    "torch_optimizer": {**LW, "clamp_value": 50.0, "debias": True},
+    # DeepSpeed's own clip; the bounds bind on the 1e-2 / 1e2 slices.
+    "deepspeed": {**LW, "max_grad_norm": 3.0, "min_coeff": 0.05,
+                  "max_coeff": 5.0},
+    "tensorflow": {**LW, "exclude_from_weight_decay": ["^b$"]},
+    # Decoupled decay before the ratio, and Keras' global clipnorm.
+    "keras": {**LW, "weight_decay_mask": STACK_MASK, "max_grad_norm": 3.0},
+}
+
+
+def _stacked_problem():
+  rng = np.random.default_rng(7)
+  scales = np.asarray(STACK_SCALES, np.float32)[:, None, None]
+  stack = (rng.normal(size=(3, 4, 5)) * scales).astype(np.float32)
+  kern = np.stack([rng.normal(size=4), np.zeros(4)], axis=-1).astype(
+      np.float32)
+  params = {"stack": stack, "kern": kern,
+            "b": rng.normal(size=5).astype(np.float32)}
+  grads_seq = []
+  for t in range(STACK_STEPS):
+    # Gradient scales opposite to the parameters', and changing over steps.
+    gscales = (np.asarray(STACK_SCALES[::-1], np.float32)[:, None, None]
+               * (1.0 + 0.3 * t))
+    grads_seq.append({
+        "stack": (rng.normal(size=(3, 4, 5)) * gscales).astype(np.float32),
+        "kern": rng.normal(size=(4, 2)).astype(np.float32),
+        "b": rng.normal(size=5).astype(np.float32)})
+  return params, grads_seq
+
+
+def _unstack(tree):
+  """The stacked leaves as separate leaves: {'stack': {'0': ..., ...}}."""
+  return {"stack": {str(i): tree["stack"][i] for i in range(3)},
+          "kern": {str(i): tree["kern"][..., i] for i in range(2)},
+          "b": tree["b"]}
+
+
+def _restack(tree):
+  return {"stack": jnp.stack([tree["stack"][str(i)] for i in range(3)]),
+          "kern": jnp.stack([tree["kern"][str(i)] for i in range(2)], -1),
+          "b": tree["b"]}
+
+
+def _assert_tree_close(got, want, what):
+  for path, g in jax.tree_util.tree_leaves_with_path(got):
+    w = functools.reduce(lambda t, k: t[k.key], path, want)
+    g, w = np.asarray(g), np.asarray(w)
+    assert g.shape == w.shape, (what, path)
+    np.testing.assert_allclose(
+        g, w, rtol=2e-5, atol=1e-6 * float(np.max(np.abs(w)) or 1.0),
+        err_msg=f"{what} {jax.tree_util.keystr(path)}")
+
+
+@pytest.fixture(scope="module")
+def stacked_problem():
+  return _stacked_problem()
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_layer_axes_equal_unstacked_slices(peer, stacked_problem):
+  params, grads_seq = stacked_problem
+  kwargs = STACK_CASES[peer]
+  unstacked_kwargs = dict(kwargs)
+  if "weight_decay_mask" in kwargs:  # The prefix mask fits both trees.
+    unstacked_kwargs["weight_decay_mask"] = STACK_MASK
+  got, got_ratios, _ = run_optimizer(
+      PEERS[peer][0](**kwargs, layer_axes=STACK_AXES), params, grads_seq)
+  want, want_ratios, _ = run_optimizer(
+      PEERS[peer][0](**unstacked_kwargs), _unstack(params),
+      [_unstack(g) for g in grads_seq])
+  for t in range(STACK_STEPS):
+    _assert_tree_close(got[t], _restack(want[t]), f"{peer} step {t}: params")
+    _assert_tree_close(got_ratios[t], _restack(want_ratios[t]),
+                       f"{peer} step {t}: ratios")
+  # The zero slice of 'kern' gets r = 1, the other one not (at step 1).
+  assert float(got_ratios[0]["kern"][1]) == 1.0
+  assert float(got_ratios[0]["kern"][0]) != 1.0
+  # Without layer_axes the whole stack is one layer: another trajectory.
+  whole, _, _ = run_optimizer(PEERS[peer][0](**kwargs), params, grads_seq)
+  small = np.asarray(want[-1]["stack"]["0"])
+  diff = np.max(np.abs(np.asarray(whole[-1]["stack"][0]) - small))
+  assert diff > 1e-2 * np.max(np.abs(small)), (peer, diff)
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_layer_axes_ratio_shapes(peer, stacked_problem):
+  params, grads_seq = stacked_problem
+  opt = PEERS[peer][0](**STACK_CASES[peer], layer_axes=lambda p: STACK_AXES)
+  p = jax.tree.map(jnp.asarray, params)
+  state = opt.init(p)
+  shapes = {"stack": (3,), "kern": (2,), "b": ()}
+  for s in (state, opt.update(jax.tree.map(jnp.asarray, grads_seq[0]), state,
+                              p)[1]):
+    ratios = lamb_optax.trust_ratios(s)
+    assert jax.tree.map(lambda r: r.shape, ratios) == shapes
+    assert all(r.dtype == jnp.float32 for r in jax.tree.leaves(ratios))
+  assert np.all(np.asarray(lamb_optax.trust_ratios(state)["stack"]) == 1.0)
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_bad_layer_axes_and_axis_name_name_the_argument(peer,
+                                                        stacked_problem):
+  params, grads_seq = stacked_problem
+  p = jax.tree.map(jnp.asarray, params)
+  g = jax.tree.map(jnp.asarray, grads_seq[0])
+  kwargs = STACK_CASES[peer]
+  with pytest.raises(ValueError, match="`layer_axes`"):
+    PEERS[peer][0](**kwargs, layer_axes={"stack": 3, "kern": None,
+                                         "b": None}).init(p)
+  with pytest.raises((ValueError, TypeError), match="`axis_name`"):
+    PEERS[peer][0](**kwargs, axis_name={"stack": 1, "kern": None,
+                                        "b": None}).init(p)
+  # A mesh axis that is not bound (no shard_map around the update).
+  opt = PEERS[peer][0](**kwargs, axis_name="model")
+  with pytest.raises(ValueError, match="`axis_name`.*not bound"):
+    opt.update(g, opt.init(p), p)

@@ -21,7 +21,10 @@ per way a peer departs from Algorithm 2 of You et al. (2020):
   \lambda x`, outside the ratio.
 
 A *layer* is one leaf of the parameter pytree in every preset, as one tensor
-is in every peer.
+is in every peer, or with ``layer_axes`` one slice of a leaf that stacks
+layers (scanned models); ``axis_name`` sums the norms (ratios and global clip)
+over ``shard_map`` mesh axes. Both mean what they mean in
+:func:`lamb_optax.lamb`.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import optax
 
 from lamb_optax._src import adam as adam_lib
 from lamb_optax._src import checked
+from lamb_optax._src import layers
 from lamb_optax._src import masks
 from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
@@ -71,10 +75,6 @@ def _flat_mask(mask: Any, params: Any, name: str) -> list[bool]:
   return validation.resolve_mask(mask, params, name)
 
 
-def _squared_norm(x: chex.Array) -> chex.Array:
-  return trust_ratio.layer_squared_norms(x=x)
-
-
 def _scale_by_peer_trust_ratio(
     *,
     mask: validation.MaskArg = None,
@@ -83,6 +83,8 @@ def _scale_by_peer_trust_ratio(
     param_norm_max: Any = None,
     ratio_bounds: Optional[tuple[Any, Any]] = None,
     decoupled_decay: Optional[tuple[Any, Any, Any]] = None,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
 ) -> optax.GradientTransformation:
   r"""The layer-wise ratio :math:`r = \phi / \|u\|` as the peers compute it.
 
@@ -101,17 +103,20 @@ def _scale_by_peer_trust_ratio(
     is non-zero.
 
   Leaves outside ``mask`` get :math:`r = 1`. ``param_norm_max`` and the
-  bounds may be traced (``optax.inject_hyperparams``).
+  bounds may be traced (``optax.inject_hyperparams``). ``layer_axes`` and
+  ``axis_name`` are those of :func:`lamb_optax.scale_by_trust_ratio`: the
+  norms (and :math:`r`) are per slice along the layer axes, and the squared
+  norms are summed over the leaf's mesh axes.
   """
 
   def init_fn(params):
     validation.check_float_leaves(params, "params")
     validation.check_masks(params, **{mask_name: mask})
+    layers.resolve_axis_names(axis_name, params)
     return PeerTrustRatioState(
         count=jnp.zeros([], jnp.int32),
         trust=trust_ratio.ScaleByTrustRatioState(
-            trust_ratios=jax.tree.map(
-                lambda _: jnp.ones([], jnp.float32), params)))
+            trust_ratios=trust_ratio.initial_ratios(params, layer_axes)))
 
   def update_fn(updates, state, params=None):
     validation.check_params_present(params, "the trust ratio")
@@ -121,6 +126,8 @@ def _scale_by_peer_trust_ratio(
     flat_params = treedef.flatten_up_to(params)
     flat_updates = treedef.flatten_up_to(updates)
     flat_adapt = _flat_mask(mask, params, mask_name)
+    flat_axes = layers.resolve_layer_axes(layer_axes, params)
+    flat_names = layers.resolve_axis_names(axis_name, params)
     gate = None
     if gate_weight_decay is not None:
       gate = jnp.asarray(_at(gate_weight_decay, count)) != 0
@@ -132,18 +139,19 @@ def _scale_by_peer_trust_ratio(
       flat_decay = [False] * len(flat_params)
 
     new_updates, ratios = [], []
-    for u, x, adapt, decay in zip(flat_updates, flat_params, flat_adapt,
-                                  flat_decay):
+    for u, x, adapt, decay, axes, names in zip(
+        flat_updates, flat_params, flat_adapt, flat_decay, flat_axes,
+        flat_names):
       if not adapt:
         new_updates.append(u)
-        ratios.append(jnp.ones([], jnp.float32))
+        ratios.append(jnp.ones([x.shape[i] for i in axes], jnp.float32))
         continue
       cdt = adam_lib.compute_dtype(dtype=x.dtype)
       x = x.astype(cdt)
       if decay:
         x = x - x * decay_scale.astype(cdt)
-      param_norm = jnp.sqrt(_squared_norm(x))
-      update_norm = jnp.sqrt(_squared_norm(u))
+      param_norm = jnp.sqrt(trust_ratio.layer_squared_norms(x, axes, names))
+      update_norm = jnp.sqrt(trust_ratio.layer_squared_norms(u, axes, names))
       if param_norm_max is not None:
         param_norm = jnp.minimum(param_norm,
                                  jnp.asarray(param_norm_max, param_norm.dtype))
@@ -155,9 +163,10 @@ def _scale_by_peer_trust_ratio(
       if gate is not None:
         ratio = jnp.where(gate, ratio, 1.0)
       ratio = ratio.astype(jnp.float32)
-      chex.assert_shape(ratio, ())
+      trust_ratio.check_ratio(ratio, x, axes)
       ucdt = adam_lib.compute_dtype(dtype=u.dtype)
-      new_updates.append((u.astype(ucdt) * ratio.astype(ucdt)).astype(u.dtype))
+      scale = trust_ratio.expand_ratio(ratio.astype(ucdt), u.ndim, axes)
+      new_updates.append((u.astype(ucdt) * scale).astype(u.dtype))
       ratios.append(ratio)
     return treedef.unflatten(new_updates), PeerTrustRatioState(
         count=optax.safe_int32_increment(count),
@@ -193,19 +202,23 @@ def _scale_by_bias_correction_factor(b1: Any, b2: Any
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _clip_by_global_norm_deepspeed(max_grad_norm: Any
+def _clip_by_global_norm_deepspeed(max_grad_norm: Any,
+                                   axis_name: layers.AxisNameArg = None
                                    ) -> optax.GradientTransformation:
   r"""DeepSpeed's clip: :math:`g \leftarrow g / c` where
-  :math:`c = (G + 10^{-6}) / \mathrm{max\_grad\_norm} > 1`."""
+  :math:`c = (G + 10^{-6}) / \mathrm{max\_grad\_norm} > 1`; with
+  ``axis_name`` each leaf's squared norm is summed over its mesh axes."""
 
   def init_fn(params):
-    del params
+    layers.resolve_axis_names(axis_name, params)
     return optax.EmptyState()
 
   def update_fn(updates, state, params=None):
     del params
     leaves = jax.tree.leaves(updates)
-    global_norm = jnp.sqrt(sum(_squared_norm(g) for g in leaves))
+    names = layers.resolve_axis_names(axis_name, updates)
+    global_norm = jnp.sqrt(sum(trust_ratio.layer_squared_norms(g, (), n)
+                               for g, n in zip(leaves, names)))
     clip = (global_norm + 1e-6) / max_grad_norm
     divisor = jnp.where(clip > 1, clip, 1.0)
     updates = jax.tree.map(
@@ -310,6 +323,8 @@ def nvlamb(
     grad_averaging: bool = True,
     adam_w_mode: bool = True,
     use_nvlamb: bool = False,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
 ) -> optax.GradientTransformation:
   r"""NVIDIA's LAMB: ``apex.optimizers.FusedLAMB`` (as in NVIDIA's BERT).
 
@@ -366,6 +381,15 @@ def nvlamb(
       :math:`1-\beta_1`.
     adam_w_mode: Decay inside :math:`u` (True) or as L2 into :math:`g`.
     use_nvlamb: Apply the ratio to layers without decay too.
+    layer_axes: The axes of stacked leaves that index layers (scanned
+      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
+      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
+      a callable ``params -> such a tree``. Norms reduce over the other
+      axes; the ratios (and those in the state) have the layer axes' shape.
+    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
+      (a name or tuple of names for every leaf, or a per-leaf pytree): the
+      trust ratio's squared norms and the ``max_grad_norm`` global norm are
+      summed over them, as in :func:`lamb_optax.lamb`.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
@@ -398,7 +422,7 @@ def nvlamb(
     _check_bool(name, value)
   parts = []
   if max_grad_norm is not None:
-    parts.append(optax.clip_by_global_norm(max_grad_norm))
+    parts.append(trust_ratio.clip_by_global_norm(max_grad_norm, axis_name))
   decay_tx = optax.add_decayed_weights(weight_decay, weight_decay_mask)
   if not adam_w_mode:
     parts.append(decay_tx)  # L2: into the gradient, before the moments
@@ -410,12 +434,14 @@ def nvlamb(
   if adam_w_mode:
     parts.append(decay_tx)
   if use_nvlamb:
-    parts.append(trust_ratio.scale_by_trust_ratio())
+    parts.append(trust_ratio.scale_by_trust_ratio(
+        layer_axes=layer_axes, axis_name=axis_name))
     trust_mask = None
   else:
     parts.append(_scale_by_peer_trust_ratio(
         mask=weight_decay_mask, mask_name="weight_decay_mask",
-        gate_weight_decay=weight_decay))
+        gate_weight_decay=weight_decay, layer_axes=layer_axes,
+        axis_name=axis_name))
     trust_mask = weight_decay_mask
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return _finish(optax.chain(*parts), name="nvlamb",
@@ -435,6 +461,8 @@ def timm(
     trust_clip: bool = False,
     always_adapt: bool = False,
     bias_correction: bool = True,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
 ) -> optax.GradientTransformation:
   r"""timm's LAMB: ``timm.optim.Lamb`` (Ross Wightman's NVLAMB port).
 
@@ -475,6 +503,15 @@ def timm(
     trust_clip: Cap the ratio at 1 (LAMBC).
     always_adapt: Apply the ratio to layers without decay too.
     bias_correction: Whether the moments are bias corrected.
+    layer_axes: The axes of stacked leaves that index layers (scanned
+      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
+      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
+      a callable ``params -> such a tree``. Norms reduce over the other
+      axes; the ratios (and those in the state) have the layer axes' shape.
+    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
+      (a name or tuple of names for every leaf, or a per-leaf pytree): the
+      trust ratio's squared norms and the ``max_grad_norm`` global norm are
+      summed over them, as in :func:`lamb_optax.lamb`.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
@@ -505,7 +542,7 @@ def timm(
     _check_bool(name, value)
   parts = []
   if max_grad_norm is not None:
-    parts.append(optax.clip_by_global_norm(max_grad_norm))
+    parts.append(trust_ratio.clip_by_global_norm(max_grad_norm, axis_name))
   parts.append(adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps,
                                   bias_correction=bias_correction))
   parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
@@ -513,7 +550,8 @@ def timm(
       mask=None if always_adapt else weight_decay_mask,
       mask_name="weight_decay_mask",
       gate_weight_decay=None if always_adapt else weight_decay,
-      ratio_bounds=(0.0, 1.0) if trust_clip else None))
+      ratio_bounds=(0.0, 1.0) if trust_clip else None,
+      layer_axes=layer_axes, axis_name=axis_name))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return _finish(optax.chain(*parts), name="timm",
                  weight_decay_mask=weight_decay_mask)
@@ -530,6 +568,8 @@ def torch_optimizer(
     clamp_value: float = 10.0,
     debias: bool = False,
     adam: bool = False,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
 ) -> optax.GradientTransformation:
   r"""torch-optimizer's LAMB: ``torch_optimizer.Lamb`` (jettify).
 
@@ -565,6 +605,15 @@ def torch_optimizer(
     clamp_value: Upper clamp of :math:`\|x\|` in the ratio, >= 0.
     debias: Multiply the step by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
     adam: Use :math:`r = 1` (no layer adaptation).
+    layer_axes: The axes of stacked leaves that index layers (scanned
+      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
+      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
+      a callable ``params -> such a tree``. Norms reduce over the other
+      axes; the ratios (and those in the state) have the layer axes' shape.
+    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
+      (a name or tuple of names for every leaf, or a per-leaf pytree): the
+      trust ratio's squared norms are summed over them, as in
+      :func:`lamb_optax.lamb`.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
@@ -596,7 +645,8 @@ def torch_optimizer(
       adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps, bias_correction=False),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       _scale_by_peer_trust_ratio(mask=False if adam else None,
-                                 param_norm_max=clamp_value),
+                                 param_norm_max=clamp_value,
+                                 layer_axes=layer_axes, axis_name=axis_name),
   ]
   if debias:
     parts.append(_scale_by_bias_correction_factor(b1, b2))
@@ -619,6 +669,8 @@ def deepspeed(
     max_coeff: float = 10.0,
     min_coeff: float = 0.01,
     eps_inside_sqrt: bool = False,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
 ) -> optax.GradientTransformation:
   r"""DeepSpeed's LAMB: ``deepspeed.ops.lamb.FusedLamb``.
 
@@ -663,6 +715,15 @@ def deepspeed(
     max_coeff: Upper bound of the ratio.
     min_coeff: Lower bound of the ratio, ``0 <= min_coeff <= max_coeff``.
     eps_inside_sqrt: Put ``eps`` under the square root.
+    layer_axes: The axes of stacked leaves that index layers (scanned
+      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
+      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
+      a callable ``params -> such a tree``. Norms reduce over the other
+      axes; the ratios (and those in the state) have the layer axes' shape.
+    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
+      (a name or tuple of names for every leaf, or a per-leaf pytree): the
+      trust ratio's squared norms and the ``max_grad_norm`` global norm are
+      summed over them, as in :func:`lamb_optax.lamb`.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
@@ -700,7 +761,7 @@ def deepspeed(
   _check_bool("eps_inside_sqrt", eps_inside_sqrt)
   parts = []
   if max_grad_norm is not None:
-    parts.append(_clip_by_global_norm_deepspeed(max_grad_norm))
+    parts.append(_clip_by_global_norm_deepspeed(max_grad_norm, axis_name))
   if eps_inside_sqrt:
     adam_tx = adam_lib.scale_by_adam(b1=b1, b2=b2, eps=0.0, eps_root=eps,
                                  bias_correction=False)
@@ -710,7 +771,8 @@ def deepspeed(
   parts += [
       adam_tx,
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      _scale_by_peer_trust_ratio(ratio_bounds=(min_coeff, max_coeff)),
+      _scale_by_peer_trust_ratio(ratio_bounds=(min_coeff, max_coeff),
+                                 layer_axes=layer_axes, axis_name=axis_name),
   ]
   if bias_correction:
     parts.append(_scale_by_bias_correction_factor(b1, b2))
@@ -728,6 +790,8 @@ def tensorflow(
     *,
     exclude_from_weight_decay: Optional[Sequence[str]] = None,
     exclude_from_layer_adaptation: Optional[Sequence[str]] = None,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
 ) -> optax.GradientTransformation:
   r"""TensorFlow's LAMB: ``tfa.optimizers.LAMB`` and tf-models' ``LAMB``.
 
@@ -761,6 +825,15 @@ def tensorflow(
     exclude_from_weight_decay: None or a list of regex strings.
     exclude_from_layer_adaptation: None or a list of regex strings; empty
       or None: ``exclude_from_weight_decay``.
+    layer_axes: The axes of stacked leaves that index layers (scanned
+      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
+      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
+      a callable ``params -> such a tree``. Norms reduce over the other
+      axes; the ratios (and those in the state) have the layer axes' shape.
+    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
+      (a name or tuple of names for every leaf, or a per-leaf pytree): the
+      trust ratio's squared norms are summed over them, as in
+      :func:`lamb_optax.lamb`.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
@@ -800,7 +873,8 @@ def tensorflow(
   chain = optax.chain(
       adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps),
       optax.add_decayed_weights(weight_decay, wd_mask),
-      trust_ratio.scale_by_trust_ratio(mask=la_mask),
+      trust_ratio.scale_by_trust_ratio(mask=la_mask, layer_axes=layer_axes,
+                                       axis_name=axis_name),
       optax.scale_by_learning_rate(learning_rate),
   )
   return _finish(chain, name="tensorflow", weight_decay_mask=wd_mask,
@@ -816,6 +890,8 @@ def keras(
     *,
     weight_decay_mask: validation.MaskArg = None,
     max_grad_norm: Optional[float] = None,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
 ) -> optax.GradientTransformation:
   r"""Keras 3's LAMB: ``keras.optimizers.Lamb``.
 
@@ -855,6 +931,15 @@ def keras(
     weight_decay_mask: Bool pytree (or prefix, or callable) of the leaves that
       get decay; None: all. Every leaf gets the ratio.
     max_grad_norm: Keras' ``global_clipnorm`` (> 0), or None.
+    layer_axes: The axes of stacked leaves that index layers (scanned
+      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
+      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
+      a callable ``params -> such a tree``. Norms reduce over the other
+      axes; the ratios (and those in the state) have the layer axes' shape.
+    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
+      (a name or tuple of names for every leaf, or a per-leaf pytree): the
+      trust ratio's squared norms and the ``max_grad_norm`` global norm are
+      summed over them, as in :func:`lamb_optax.lamb`.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
@@ -882,15 +967,17 @@ def keras(
   _check_common(learning_rate, eps, weight_decay, max_grad_norm)
   parts = []
   if max_grad_norm is not None:
-    parts.append(optax.clip_by_global_norm(max_grad_norm))
+    parts.append(trust_ratio.clip_by_global_norm(max_grad_norm, axis_name))
   parts.append(adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps))
   if weight_decay is None:
-    parts += [trust_ratio.scale_by_trust_ratio(),
+    parts += [trust_ratio.scale_by_trust_ratio(layer_axes=layer_axes,
+                                               axis_name=axis_name),
               optax.scale_by_learning_rate(learning_rate)]
   else:
     parts += [
         _scale_by_peer_trust_ratio(
-            decoupled_decay=(learning_rate, weight_decay, weight_decay_mask)),
+            decoupled_decay=(learning_rate, weight_decay, weight_decay_mask),
+            layer_axes=layer_axes, axis_name=axis_name),
         optax.scale_by_learning_rate(learning_rate),
         _add_decoupled_weight_decay(learning_rate, weight_decay,
                                     weight_decay_mask),
