@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import statistics
 import sys
@@ -46,7 +45,6 @@ import jax.numpy as jnp
 import optax
 
 import lamb_optax
-from lamb_optax._src.accumulation import multi_steps
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _spec = importlib.util.spec_from_file_location(
@@ -66,7 +64,7 @@ WRAPPERS: dict[str, Callable[[int], optax.GradientTransformation]] = {
         optax.lamb(1e-3, weight_decay=0.01), k).gradient_transformation(),
     "optax.MultiSteps(lamb_optax.lamb)": lambda k: optax.MultiSteps(
         lamb_optax.lamb(1e-3, weight_decay=0.01), k).gradient_transformation(),
-    "lamb_optax.multi_steps(lamb_optax.lamb)": lambda k: multi_steps(
+    "lamb_optax.multi_steps(lamb_optax.lamb)": lambda k: lamb_optax.multi_steps(
         lamb_optax.lamb(1e-3, weight_decay=0.01), k),
 }
 MICRO, EMIT = "micro-step", "emitting step"
@@ -258,13 +256,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
       "rows": rows,
   }
   print(markdown(result))
-  out_dir = os.path.dirname(args.out)
-  if out_dir:
-    os.makedirs(out_dir, exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
-    json.dump(result, f, indent=2)
-    f.write("\n")
-  print(f"\nwrote {args.out}")
+  update_step.write_json(result, args.out)
   return result
 
 

@@ -532,14 +532,19 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
       "optimizers": rows,
   }
   print(markdown(result))
-  out_dir = os.path.dirname(args.out)
+  write_json(result, args.out)
+  return result
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+  """Writes ``result`` as indented JSON, creating the folder."""
+  out_dir = os.path.dirname(path)
   if out_dir:
     os.makedirs(out_dir, exist_ok=True)
-  with open(args.out, "w", encoding="utf-8") as f:
+  with open(path, "w", encoding="utf-8") as f:
     json.dump(result, f, indent=2)
     f.write("\n")
-  print(f"\nwrote {args.out}")
-  return result
+  print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
