@@ -1,0 +1,1 @@
+"""Configurations of the BERT example (ml_collections, see main.py)."""
