@@ -41,3 +41,13 @@ def test_start_here_has_exactly_two_commands_and_ci_runs_the_second():
   assert len(commands) == 2
   ci = (ROOT / ".ci" / "run").read_text()
   assert commands[1] in ci
+  # The main job is the BERT example, with files that exist, installed by the
+  # extras CI installs too.
+  install, run = commands[0].split(" && ")
+  assert install == 'pip install -e ".[test,examples]"'
+  assert '-e ".[test,examples]"' in ci
+  script, *flags = run.split()[1:]
+  assert script == "examples/bert/main.py" and (ROOT / script).is_file()
+  config = dict(f.lstrip("-").split("=", 1) for f in flags)["config"]
+  assert config == "examples/bert/configs/default.py"
+  assert (ROOT / config).is_file()
