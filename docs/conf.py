@@ -13,3 +13,4 @@ master_doc = "index"
 autodoc_typehints = "description"
 napoleon_google_docstring = True
 exclude_patterns = ["_build"]
+napoleon_use_ivar = True  # "Attributes:" as fields, not duplicate objects
