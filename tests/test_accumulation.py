@@ -204,6 +204,9 @@ def _step_hlo(opt, params, donate):
       params, state, params).compile().as_text()
 
 
+# Donated gradients have no output to alias (params and state take theirs);
+# XLA says so, as in the user's own step.
+@pytest.mark.filterwarnings("ignore:Some donated buffers were not usable")
 @pytest.mark.parametrize("donate", [(0, 1, 2), (0, 1)],
                          ids=["donate_grads", "keep_grads"])
 def test_donated_step_copies_no_state(donate):
