@@ -305,9 +305,16 @@ def axis_names_from_specs(specs: Any, layer_axes: LayerAxesArg = None) -> Any:
     spec_axes = _broadcast(layer_axes, dummies, _is_axes_spec, "layer_axes",
                            "None, an int or a tuple of ints")
     per_leaf_axes = []
-    for (_, a), spec in zip(spec_axes, flat):
+    for (path, a), spec in zip(spec_axes, flat):
       a = () if a is None else (a,) if _is_int(a) else tuple(a)
-      per_leaf_axes.append(tuple(int(i) % max(len(spec), 1) for i in a))
+      if any(int(i) < 0 for i in a):
+        # A PartitionSpec may omit trailing dimensions, so it does not tell
+        # the leaf's rank, and a negative axis cannot be placed.
+        raise ValueError(
+            f"`layer_axes` for leaf '{path or '<root>'}' is {a!r}: give "
+            "non-negative axes here (a PartitionSpec does not tell the "
+            "leaf's rank).")
+      per_leaf_axes.append(tuple(int(i) for i in a))
   out = []
   for spec, axes in zip(flat, per_leaf_axes):
     names = []
