@@ -199,12 +199,10 @@ def lamb(
     flat_mu = treedef.flatten_up_to(adam_state.mu)
     flat_nu = treedef.flatten_up_to(adam_state.nu)
     flat_decay = ([False] * len(flat_params) if no_decay else
-                  [True] * len(flat_params) if weight_decay_mask is None else
                   validation.resolve_mask(
                       weight_decay_mask, params, "weight_decay_mask"))
-    flat_adapt = ([True] * len(flat_params) if trust_ratio_mask is None else
-                  validation.resolve_mask(
-                      trust_ratio_mask, params, "trust_ratio_mask"))
+    flat_adapt = validation.resolve_mask(
+        trust_ratio_mask, params, "trust_ratio_mask")
     flat_axes = layers.resolve_layer_axes(layer_axes, params)
     flat_names = layers.resolve_axis_names(axis_name, params)
 
@@ -220,8 +218,7 @@ def lamb(
       wd = weight_decay
     grad_dtypes = [g.dtype for g in flat_grads]
     if max_grad_norm is not None:
-      global_norm = jnp.sqrt(sum(trust_ratio.layer_squared_norms(g, (), n)
-                                 for g, n in zip(flat_grads, flat_names)))
+      global_norm = trust_ratio.global_norm(updates, axis_name)
       clip_scale = jnp.where(global_norm < max_grad_norm, 1.0,
                              max_grad_norm / global_norm)
       flat_grads = [(g.astype(adam.compute_dtype(g.dtype))

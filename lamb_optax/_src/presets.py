@@ -69,12 +69,6 @@ def _at(value: Any, count: chex.Array) -> Any:
   return value(count) if callable(value) else value
 
 
-def _flat_mask(mask: Any, params: Any, name: str) -> list[bool]:
-  if mask is None:
-    return [True] * len(jax.tree.leaves(params))
-  return validation.resolve_mask(mask, params, name)
-
-
 def _scale_by_peer_trust_ratio(
     *,
     mask: validation.MaskArg = None,
@@ -125,7 +119,7 @@ def _scale_by_peer_trust_ratio(
     treedef = jax.tree.structure(params)
     flat_params = treedef.flatten_up_to(params)
     flat_updates = treedef.flatten_up_to(updates)
-    flat_adapt = _flat_mask(mask, params, mask_name)
+    flat_adapt = validation.resolve_mask(mask, params, mask_name)
     flat_axes = layers.resolve_layer_axes(layer_axes, params)
     flat_names = layers.resolve_axis_names(axis_name, params)
     gate = None
@@ -134,7 +128,7 @@ def _scale_by_peer_trust_ratio(
     if decoupled_decay is not None:
       lr, wd, wd_mask = decoupled_decay
       decay_scale = jnp.asarray(_at(lr, count)) * jnp.asarray(_at(wd, count))
-      flat_decay = _flat_mask(wd_mask, params, "weight_decay_mask")
+      flat_decay = validation.resolve_mask(wd_mask, params, "weight_decay_mask")
     else:
       flat_decay = [False] * len(flat_params)
 
@@ -215,11 +209,7 @@ def _clip_by_global_norm_deepspeed(max_grad_norm: Any,
 
   def update_fn(updates, state, params=None):
     del params
-    leaves = jax.tree.leaves(updates)
-    names = layers.resolve_axis_names(axis_name, updates)
-    global_norm = jnp.sqrt(sum(trust_ratio.layer_squared_norms(g, (), n)
-                               for g, n in zip(leaves, names)))
-    clip = (global_norm + 1e-6) / max_grad_norm
+    clip = (trust_ratio.global_norm(updates, axis_name) + 1e-6) / max_grad_norm
     divisor = jnp.where(clip > 1, clip, 1.0)
     updates = jax.tree.map(
         lambda g: (g.astype(adam_lib.compute_dtype(dtype=g.dtype))
@@ -245,7 +235,7 @@ def _add_decoupled_weight_decay(
     scale = (jnp.asarray(_at(learning_rate, state.count))
              * jnp.asarray(_at(weight_decay, state.count)))
     treedef = jax.tree.structure(params)
-    flat_decay = _flat_mask(mask, params, "weight_decay_mask")
+    flat_decay = validation.resolve_mask(mask, params, "weight_decay_mask")
     out = []
     for u, x, decay in zip(treedef.flatten_up_to(updates),
                            treedef.flatten_up_to(params), flat_decay):

@@ -263,10 +263,7 @@ def trust_ratio_transform(*, trust_coefficient, eps, param_norm_bounds,
     treedef = jax.tree.structure(params)
     flat_params = treedef.flatten_up_to(params)
     flat_updates = treedef.flatten_up_to(updates)
-    if mask is None:
-      flat_mask = [True] * len(flat_params)
-    else:
-      flat_mask = validation.resolve_mask(mask, params, mask_name)
+    flat_mask = validation.resolve_mask(mask, params, mask_name)
     flat_axes = layers.resolve_layer_axes(layer_axes, params)
     flat_names = layers.resolve_axis_names(axis_name, params)
 
@@ -295,6 +292,15 @@ def trust_ratio_transform(*, trust_coefficient, eps, param_norm_bounds,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def global_norm(tree: Any, axis_name: layers.AxisNameArg = None) -> chex.Array:
+  """L2 norm of a whole pytree in (at least) float32, each leaf's squared norm
+  first summed over its mesh axes (``axis_name``, as in
+  :func:`scale_by_trust_ratio`)."""
+  names = layers.resolve_axis_names(axis_name, tree)
+  return jnp.sqrt(sum(layer_squared_norms(g, (), n)
+                      for g, n in zip(jax.tree.leaves(tree), names)))
+
+
 def clip_by_global_norm(max_norm: float,
                         axis_name: layers.AxisNameArg = None
                         ) -> optax.GradientTransformation:
@@ -310,10 +316,7 @@ def clip_by_global_norm(max_norm: float,
 
   def update_fn(updates, state, params=None):
     del params
-    flat = jax.tree.leaves(updates)
-    names = layers.resolve_axis_names(axis_name, updates)
-    norm = jnp.sqrt(sum(layer_squared_norms(g, (), n)
-                        for g, n in zip(flat, names)))
+    norm = global_norm(updates, axis_name)
     scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
     return jax.tree.map(
         lambda g: (g.astype(adam.compute_dtype(g.dtype))

@@ -156,8 +156,11 @@ def check_same_structure(reference: Any, other: Any, name: str,
 def resolve_mask(mask: Any, params: Any, name: str) -> list[bool]:
   """Resolves a mask (tree, prefix tree or callable) to one bool per leaf.
 
-  Returns a flat list aligned with ``jax.tree.leaves(params)``.
+  Returns a flat list aligned with ``jax.tree.leaves(params)``; a mask of
+  None selects every leaf.
   """
+  if mask is None:
+    return [True] * len(jax.tree.leaves(params))
   if callable(mask):
     mask = mask(params)
   try:
