@@ -8,8 +8,10 @@ trust ratios). The end-to-end runs are in tests/test_bert_example.py.
 
 import inspect
 import json
+import operator
 import os
 import pathlib
+import re
 import struct
 import subprocess
 import sys
@@ -161,6 +163,32 @@ def test_max_grad_norm_reaches_optimizers_that_clip(bert):
   # And the two differ (the test can tell clipping from none).
   assert not np.allclose(clipped["dense/bias"], unclipped["dense/bias"],
                          rtol=1e-3)
+
+
+def test_readme_table_is_the_optimizer_table(bert):
+  """examples/bert/README.md's optimizer table states OPTIMIZERS."""
+  train = bert["train"]
+  readme = (_EXAMPLE / "README.md").read_text()
+  header = "| `optimizer` | factory |"
+  lines = readme[readme.index(header):].split("\n\n")[0].splitlines()[2:]
+  rows = {}
+  for line in lines:
+    name, factory, exclusions, clips, axes = [
+        c.strip() for c in line.strip().strip("|").split("|")]
+    rows[name.strip("`")] = (factory.split("`")[1],
+                             set(re.findall(r"`(\w+)`", exclusions))
+                             - {"bias", "norm"}, clips, axes)
+  assert set(rows) == set(train.OPTIMIZERS)
+  modules = {"lamb_optax": lamb_optax, "optax": optax}
+  for name, entry in train.OPTIMIZERS.items():
+    factory, exclusions, clips, axes = rows[name]
+    root, *attrs = factory.split(".")
+    assert operator.attrgetter(".".join(attrs))(modules[root]) is (
+        entry.factory), name
+    assert exclusions == set(entry.mask_args) | set(entry.pattern_args), name
+    assert (clips, axes) == ("yes" if entry.clips else "no",
+                             "yes" if entry.trust_ratios else "no"), name
+  assert train.BERT_EXCLUDE_PATTERNS == ("bias", "norm")
 
 
 def test_bad_optimizer_name_names_the_config_field(bert):

@@ -327,6 +327,7 @@ def make_train_step(model: models.BertMLM, tx: optax.GradientTransformation,
 
 
 def make_eval_step(model: models.BertMLM) -> Callable:
+  """``(params, batch) -> (loss_sum, correct, count)`` (see ``mlm_sums``)."""
   def eval_step(params, batch):
     logits = model.apply({"params": params}, batch["input_ids"],
                          batch["input_mask"], batch["masked_positions"])
@@ -335,6 +336,7 @@ def make_eval_step(model: models.BertMLM) -> Callable:
 
 
 def add_example_index(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Adds each example's index in the global batch (for its dropout key)."""
   batch = dict(batch)
   batch["example_index"] = np.arange(len(batch["input_ids"]), dtype=np.int32)
   return batch
@@ -342,6 +344,7 @@ def add_example_index(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def micro_batched(batch: dict[str, np.ndarray],
                   num_micro_batches: int) -> dict[str, np.ndarray]:
+  """``(batch, ...)`` leaves -> ``(num_micro_batches, micro_batch, ...)``."""
   return {k: v.reshape(num_micro_batches, -1, *v.shape[1:])
           for k, v in batch.items()}
 
@@ -364,6 +367,7 @@ def evaluate(eval_step, params, batches: list[dict[str, jax.Array]]
 
 
 def _as_config(config) -> ml_collections.ConfigDict:
+  """A ConfigDict as is; a dict as overrides of ``configs/default.py``."""
   if isinstance(config, ml_collections.ConfigDict):
     return config
   base = default_config.get_config()
