@@ -93,8 +93,8 @@ class _FakeTask:
 
 def _fake_run_trials(calls):
   def run_trials(task, optimizer, hyper, schedule, lrs, seeds,
-                 record_ratios=False, cache=None):
-    del task, optimizer, hyper, cache
+                 record_ratios=False, cache=None, **padding):
+    del task, optimizer, hyper, cache, record_ratios, padding
     calls.append(list(zip(lrs, seeds)))
     out = []
     for lr, seed in zip(lrs, seeds):
@@ -457,3 +457,24 @@ def test_mlm_task_uses_the_bert_example_and_learns(example, tmp_path):
   assert any("attention/query/kernel" in k for k in first["trust_ratios"])
   assert not any(k.endswith("bias") or "norm" in k
                  for k in first["trust_ratios"])
+
+
+def test_micro_batches_and_padding_do_not_change_the_run(example,
+                                                         tiny_mnist1d):
+  trials = example["trials"]
+  task, config = tiny_mnist1d
+  schedule = trials.make_schedule(16, 256, 2, 4)
+  whole = trials.run_trials(task, "adamw", config.optimizer, schedule,
+                            [0.02, 0.05], [0, 1])
+  # Batches of 16 as 4 micro-batches of 4, the arguments padded to the
+  # sizes of a longer run: the same gradients, the same run.
+  accumulated = trials.run_trials(task, "adamw", config.optimizer, schedule,
+                                  [0.02, 0.05], [0, 1], micro_batch=4,
+                                  pad_steps=9, pad_examples=300)
+  for a, b in zip(whole, accumulated):
+    for key in ("accuracy", "loss", "train_loss"):
+      np.testing.assert_allclose(a["curve"][key], b["curve"][key],
+                                 rtol=1e-4, atol=1e-5)
+  with pytest.raises(ValueError, match="micro_batch"):
+    trials.run_trials(task, "adamw", config.optimizer, schedule, [0.1], [0],
+                      micro_batch=5)

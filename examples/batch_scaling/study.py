@@ -108,6 +108,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       _fail(f"{name}.batch_sizes", "must list at least two distinct batch "
             f"sizes in ascending order (the first is the base), got "
             f"{tuple(batches)!r}.")
+    if any(b % batches[0] for b in batches):
+      _fail(f"{name}.batch_sizes", "every batch size must be a multiple of "
+            f"the base (first) one, {batches[0]}: larger batches are "
+            f"accumulated over micro-batches of it; got {tuple(batches)!r}.")
     _check_positive_int(f"{name}.budget_examples", section.budget_examples)
     _check_positive_int(f"{name}.warmup_steps", section.warmup_steps, 0)
     for opt in optimizers:
@@ -225,19 +229,24 @@ def run_cell(task, optimizer: str, batch: int, config, center: float,
   # (the shorter list is padded with copies of its last trial, discarded).
   small = max(len(selection), len(report))
 
+  pads = _pads(config, task.name)
+
   def run(lrs_and_seeds, record_ratios=False, pad_to=None):
     n = len(lrs_and_seeds)
     if pad_to is not None:
       lrs_and_seeds = lrs_and_seeds + [lrs_and_seeds[-1]] * (pad_to - n)
     lrs = [lr for lr, _ in lrs_and_seeds]
     seeds = [s for _, s in lrs_and_seeds]
-    return trials_lib.run_trials(task, optimizer, config.optimizer, schedule,
-                                 lrs, seeds, record_ratios, cache)[:n]
+    return trials_lib.run_trials(
+        task, optimizer, config.optimizer, schedule, lrs, seeds,
+        record_ratios, cache, micro_batch=section.batch_sizes[0], **pads)[:n]
 
   first = [(lr, s) for lr in grid for s in selection]
   if transfer is not None:
     first += [(transfer, s) for s in report]
-  results = run(first)
+  # The base cell has no transfer arm: padded to the same shape.
+  results = run(first, record_ratios=True,
+                pad_to=len(grid) * len(selection) + len(report))
   n_select = len(grid) * len(selection)
   rows = _rows(task, optimizer, schedule, *zip(*first[:n_select]), "select",
                results[:n_select])
@@ -271,6 +280,17 @@ def run_cell(task, optimizer: str, batch: int, config, center: float,
       "num_trials": len(rows), "steps": schedule.total_steps,
       "rows": rows,
   }
+
+
+def _pads(config, task_name: str) -> dict[str, int]:
+  """Argument sizes that fit every batch size of a task (one compile)."""
+  section = config[task_name]
+  schedules = [trials_lib.make_schedule(b, section.budget_examples,
+                                        section.warmup_steps,
+                                        config.num_evals, section.decay_power)
+               for b in section.batch_sizes]
+  return {"pad_steps": max(s.eval_every for s in schedules),
+          "pad_examples": max(s.eval_every * s.batch_size for s in schedules)}
 
 
 def _plan(config) -> list[tuple[str, str, int]]:

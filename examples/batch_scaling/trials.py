@@ -5,8 +5,11 @@ a call share the optimizer, the batch size and the schedule's shape, so they
 are stacked along a leading trial axis and trained by one ``jax.vmap``-ed
 step, the learning rate entering through :func:`optax.inject_hyperparams`
 (each trial's ``hyperparams["learning_rate"]`` is set to its peak times the
-schedule's value before every update). Steps between two evaluations run in
-one ``lax.scan``.
+schedule's value before every update). The steps between two evaluations
+run in one ``lax.fori_loop``; a step's gradient is the mean over
+micro-batches of the task's base batch size, so that one compiled program
+(per optimizer and number of trials) serves every batch size: on a CPU,
+compiling dominates a small study otherwise.
 """
 
 from __future__ import annotations
@@ -123,40 +126,70 @@ def trust_ratio_layers(params) -> list[str]:
           jax.tree_util.tree_leaves_with_path(mask) if m]
 
 
-def _compiled_chunk(loss_fn, evaluate_fn, tx, schedule: Schedule,
+def _compiled_chunk(loss_fn, evaluate_fn, tx, micro_batch: int,
                     record_ratios: bool) -> Callable:
-  """The jitted ``eval_every`` steps of every trial, then their evaluation."""
-  shape_fn = schedule.shape()
+  """The jitted steps of every trial up to an evaluation, then the evaluation.
 
-  def one_trial(carry, inputs, peak, data):
-    def step(carry, step_inputs):
-      params, opt_state, count, bad = carry
-      loss, grads = jax.value_and_grad(loss_fn)(params, step_inputs, data)
+  One compiled program serves every batch size, step count and schedule of
+  a task: the steps (``num_steps``), the micro-batches per step
+  (``num_micro``, a step's gradient is the mean over ``num_micro`` slices
+  of ``micro_batch`` examples) and the schedule's values (``lr_scale``,
+  computed on the host by :mod:`lamb_optax.schedules`) are arguments, and
+  the examples come as one flat array per trial, padded to a fixed length.
+  """
+
+  def one_trial(carry, inputs, peak, data, lr_scale, num_steps, num_micro):
+    def step(i, carry):
+      params, opt_state, count, bad, loss_sum = carry
+      batch_size = num_micro * micro_batch
+
+      def micro(j, acc):
+        loss_acc, grad_acc = acc
+        start = i * batch_size + j * micro_batch
+        batch = jax.tree.map(
+            lambda x: jax.lax.dynamic_slice_in_dim(x, start, micro_batch),
+            inputs)
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch, data)
+        return (loss_acc + loss,
+                jax.tree.map(jnp.add, grad_acc, grads))
+
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      loss, grads = jax.lax.fori_loop(0, num_micro, micro,
+                                      (jnp.zeros([], jnp.float32), zeros))
+      scale = 1.0 / num_micro.astype(jnp.float32)
+      loss = loss * scale
+      grads = jax.tree.map(lambda g: g * scale.astype(g.dtype), grads)
       hyperparams = dict(opt_state.hyperparams)
-      hyperparams["learning_rate"] = (peak * shape_fn(count)).astype(
+      hyperparams["learning_rate"] = (peak * lr_scale[i]).astype(
           hyperparams["learning_rate"].dtype)
       opt_state = opt_state._replace(hyperparams=hyperparams)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
       bad = bad | ~jnp.isfinite(loss)
-      return (params, opt_state, count + 1, bad), loss
+      return params, opt_state, count + 1, bad, loss_sum + loss
 
-    carry, losses = jax.lax.scan(step, carry, inputs)
-    metrics = evaluate_fn(carry[0], data)
-    metrics["train_loss"] = jnp.mean(losses)
+    params, opt_state, count, bad = carry
+    params, opt_state, count, bad, loss_sum = jax.lax.fori_loop(
+        0, num_steps, step,
+        (params, opt_state, count, bad, jnp.zeros([], jnp.float32)))
+    metrics = evaluate_fn(params, data)
+    metrics["train_loss"] = loss_sum / num_steps.astype(jnp.float32)
     if record_ratios:
-      ratios = lamb_optax.trust_ratios(carry[1])
-      metrics["trust_ratios"] = ratios
-    return carry, metrics
+      metrics["trust_ratios"] = lamb_optax.trust_ratios(opt_state)
+    return (params, opt_state, count, bad), metrics
 
-  return jax.jit(jax.vmap(one_trial, in_axes=(0, 0, 0, None)),
+  return jax.jit(jax.vmap(one_trial,
+                          in_axes=(0, 0, 0, None, None, None, None)),
                  donate_argnums=(0,))
 
 
 def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
                schedule: Schedule, learning_rates: Sequence[float],
                seeds: Sequence[int], record_ratios: bool = False,
-               inputs_cache: Optional[dict] = None) -> list[dict[str, Any]]:
+               inputs_cache: Optional[dict] = None,
+               micro_batch: Optional[int] = None,
+               pad_steps: int = 0, pad_examples: int = 0
+               ) -> list[dict[str, Any]]:
   """Trains trial i (``learning_rates[i]``, ``seeds[i]``) for all i at once.
 
   Args:
@@ -170,6 +203,12 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
       evaluation (LAMB and LARS only).
     inputs_cache: Optional dict, ``(seed, batch, steps) -> inputs``, reused
       across calls.
+    micro_batch: Examples per gradient evaluation (must divide the batch);
+      None: the whole batch. The study uses the task's base batch, so that
+      one compiled program serves every batch size.
+    pad_steps: Pad the per-evaluation step arguments to at least this many
+      steps (the same shapes, hence one compile, for every batch size).
+    pad_examples: Likewise for the examples of one evaluation interval.
 
   Returns:
     One dict per trial: ``curve`` (``{"step": [...], metric: [...]}`` at
@@ -179,15 +218,21 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
   if len(learning_rates) != len(seeds) or not seeds:
     raise ValueError("run_trials needs one seed per learning rate, got "
                      f"{len(learning_rates)} and {len(seeds)}.")
+  batch = schedule.batch_size
+  micro_batch = batch if micro_batch is None else micro_batch
+  if batch % micro_batch:
+    raise ValueError(f"micro_batch {micro_batch} must divide the batch "
+                     f"size {batch}.")
   record_ratios = record_ratios and optimizer in TRUST_RATIO_OPTIMIZERS
-  tx, chunk = _chunk_fn(task, optimizer, hyper, schedule, record_ratios)
+  tx, chunk = _chunk_fn(task, optimizer, hyper, micro_batch, record_ratios)
   inputs_cache = {} if inputs_cache is None else inputs_cache
 
   def inputs_of(seed):
-    key = (seed, schedule.batch_size, schedule.total_steps)
+    key = (seed, batch, schedule.total_steps)
     if key not in inputs_cache:
-      inputs_cache[key] = task.train_inputs(seed, schedule.batch_size,
-                                            schedule.total_steps)
+      inputs = task.train_inputs(seed, batch, schedule.total_steps)
+      inputs_cache[key] = jax.tree.map(
+          lambda x: x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]), inputs)
     return inputs_cache[key]
 
   unique_seeds = sorted(set(seeds))
@@ -200,14 +245,30 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
            jnp.zeros([num_trials], bool))
   peaks = jnp.asarray(learning_rates, jnp.float32)
   all_inputs = [inputs_of(s) for s in seeds]
+  shape_fn = schedule.shape()
+  lr_scale = np.asarray(jax.device_get(jax.vmap(shape_fn)(
+      jnp.arange(schedule.total_steps))), np.float32)
+  interval = schedule.eval_every
+  steps_len = max(interval, pad_steps)
+  examples_len = max(interval * batch, pad_examples)
+  num_micro = np.int32(batch // micro_batch)
 
   curves = [{"step": []} for _ in seeds]
   ratio_curves = [dict() for _ in seeds]
   for end in schedule.eval_steps:
-    start = end - schedule.eval_every
+    start = end - interval
+
+    def window(x, start=start, end=end):
+      piece = x[start * batch:end * batch]
+      pad = [(0, examples_len - len(piece))] + [(0, 0)] * (piece.ndim - 1)
+      return np.pad(piece, pad)
+
     chunk_inputs = jax.tree.map(
-        lambda *xs: np.stack([x[start:end] for x in xs]), *all_inputs)
-    carry, metrics = chunk(carry, chunk_inputs, peaks, task.data)
+        lambda *xs: np.stack([window(x) for x in xs]), *all_inputs)
+    scale = np.zeros([steps_len], np.float32)
+    scale[:interval] = lr_scale[start:end]
+    carry, metrics = chunk(carry, chunk_inputs, peaks, task.data, scale,
+                           np.int32(interval), num_micro)
     metrics = jax.device_get(metrics)
     ratios = metrics.pop("trust_ratios", None)
     for i in range(num_trials):
@@ -234,18 +295,18 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
   return results
 
 
-# (task, optimizer, hyperparameters, schedule, ratios) -> (tx, jitted chunk),
-# so that every call of one cell shape reuses one compiled function.
+# (task, optimizer, hyperparameters, micro-batch, ratios) -> (tx, jitted
+# chunk): one compiled program per shape of its arguments.
 _CHUNK_CACHE: dict[Any, tuple[optax.GradientTransformation, Callable]] = {}
 
 
-def _chunk_fn(task, optimizer, hyper, schedule, record_ratios):
+def _chunk_fn(task, optimizer, hyper, micro_batch, record_ratios):
   key = (task, optimizer, repr(sorted(hyper.to_dict().items())),
-         schedule, record_ratios)
+         micro_batch, record_ratios)
   if key not in _CHUNK_CACHE:
     tx = make_optimizer(optimizer, hyper)
     _CHUNK_CACHE[key] = (tx, _compiled_chunk(
-        task.loss, task.evaluate, tx, schedule, record_ratios))
+        task.loss, task.evaluate, tx, micro_batch, record_ratios))
   return _CHUNK_CACHE[key]
 
 
