@@ -163,10 +163,12 @@ def plot_trust_ratios(name, summary, cells, path, dpi):
   axes[0].set_ylabel("LAMB trust ratio")
   handles, labels = axes[0].get_legend_handles_labels()
   if handles:
-    fig.legend(handles, labels, fontsize=5, loc="center right")
-    fig.subplots_adjust(right=0.78)
+    fig.legend(handles, labels, fontsize=5, loc="center left",
+               bbox_to_anchor=(0.9, 0.5))
+    fig.subplots_adjust(right=0.88, bottom=0.18)
   fig.suptitle(f"{name}: LAMB's per-layer trust ratios", fontsize=10)
-  fig.savefig(path, dpi=dpi, metadata={"Software": None})
+  fig.savefig(path, dpi=dpi, metadata={"Software": None},
+              bbox_inches="tight")
   plt.close(fig)
   return path
 
