@@ -1,5 +1,7 @@
 """The batch-scaling study: its rules by hand, vmap = one trial, end to end."""
 
+import contextlib
+import io
 import json
 import math
 import os
@@ -343,13 +345,18 @@ def test_schedule_keeps_warmup_fixed_and_the_budget(example):
 @pytest.fixture(scope="module")
 def finished_study(example, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("batch_scaling"))
-  summary = example["study"].run_study(example["test"].get_config(), workdir)
-  return workdir, summary
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    summary = example["study"].run_study(example["test"].get_config(),
+                                         workdir)
+  return workdir, summary, printed.getvalue()
 
 
-def test_study_writes_every_output_and_a_verdict(example, finished_study,
-                                                 capfd):
-  workdir, summary = finished_study
+def test_study_writes_every_output_and_a_verdict(example, finished_study):
+  workdir, summary, printed = finished_study
+  # The verdict, computed from the study's own numbers, is printed.
+  assert f"VERDICT: {summary['verdict']}\n  mnist1d: " in printed
+  assert summary["tasks"]["mnist1d"]["verdict"] in example["analysis"].VERDICTS
   a = example["analysis"]
   config = example["test"].get_config()
   assert summary["verdict"] in a.VERDICTS + ("mixed",)
@@ -397,13 +404,12 @@ def test_study_writes_every_output_and_a_verdict(example, finished_study,
         assert report[0]["examples"] >= config[task].budget_examples
   summary_file = json.loads(pathlib.Path(workdir, "summary.json").read_text())
   assert summary_file["verdict"] == summary["verdict"]
-  del capfd
 
 
 def test_rerun_skips_finished_cells_and_reproduces_results(example,
                                                            finished_study):
   study = example["study"]
-  workdir, _ = finished_study
+  workdir, _, _ = finished_study
   config = example["test"].get_config()
   results = pathlib.Path(workdir, "results.md").read_bytes()
   summary = pathlib.Path(workdir, "summary.json").read_bytes()
