@@ -1,0 +1,1 @@
+"""Configurations of the batch-scaling study (ml_collections, see main.py)."""

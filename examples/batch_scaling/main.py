@@ -1,0 +1,47 @@
+r"""Does LAMB scale? A batch-scaling study of LAMB, AdamW, LARS and Nesterov.
+
+Run from the repository root (the default takes about half an hour on a
+2-core CPU, offline):
+
+  python examples/batch_scaling/main.py --workdir=/tmp/batch_scaling \
+      --config=examples/batch_scaling/configs/default.py
+
+Override any config field, e.g. `--config.tasks=mnist1d`. Running again with
+the same workdir skips the finished cells. The protocol and the verdict rule
+are in README.md.
+"""
+
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+# `import study` etc. when run as a script from anywhere; the repository root
+# last, so that an installed lamb_optax still wins over the checkout.
+sys.path.insert(0, _HERE)
+sys.path.append(os.path.dirname(os.path.dirname(_HERE)))
+
+from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import study  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "Directory for the study's outputs.")
+config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "default.py"),
+    "Study configuration (a configs/*.py file).", lock_config=True)
+flags.mark_flags_as_required(["workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  study.run_study(FLAGS.config, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)
