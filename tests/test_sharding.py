@@ -252,7 +252,7 @@ def test_zero_axis_not_in_mesh_names_zero_axis():
 
 def test_param_shardings_must_be_named_shardings():
   params = {"w": jnp.ones((4, 2))}
-  with pytest.raises(TypeError, match=r"`param_shardings` for leaf .*'w'"):
+  with pytest.raises(TypeError, match=r"`param_shardings` leaf .*'w'"):
     state_shardings(lamb_optax.lamb(1e-3), params, {"w": P()})
 
 
