@@ -33,11 +33,10 @@ import lamb_optax
 from lamb_optax._src.sharding import state_shardings
 
 NUM_STEPS = 5
-OPTIMIZERS = ("lamb", "lamb_fused", "lars")
+OPTIMIZERS = ("lamb", "lamb_store_direction", "lars")
 
 # Leaf -> shape. blocks/kernel stacks 4 layers (scanned model, layer axis 0)
-# and has 4 * 128 * 128 = 65536 elements, enough for the fused LAMB update to
-# recompute u in its norm pass (lamb.FUSED_MIN_SIZE).
+# and has 4 * 128 * 128 = 65536 elements.
 SHAPES = {
     "blocks": {"kernel": (4, 128, 128)},
     "dense": {"bias": (12,), "kernel": (8, 12)},
@@ -109,11 +108,11 @@ MAX_GRAD_NORM = 5.0
 
 def make_optimizer(name: str, *, axis_name=None, layer_axes=LAYER_AXES,
                    max_grad_norm=None) -> optax.GradientTransformation:
-  if name in ("lamb", "lamb_fused"):
+  if name in ("lamb", "lamb_store_direction"):
     return lamb_optax.lamb(
         1e-2, weight_decay=0.01, weight_decay_mask=MASK,
         trust_ratio_mask=MASK, layer_axes=layer_axes, axis_name=axis_name,
-        max_grad_norm=max_grad_norm, fused=name == "lamb_fused")
+        max_grad_norm=max_grad_norm, store_direction=name == "lamb_store_direction")
   if name == "lars":
     assert max_grad_norm is None
     return lamb_optax.lars(
@@ -370,7 +369,7 @@ def scenario_shard_map(name: str, ref, ref_clipped) -> dict:
 
   sub("correct", lambda: compare(
       run_shard_map(name, mesh, SPECS, axis_name=axis_name), ref))
-  if name != "lamb_fused":
+  if name != "lamb_store_direction":
     # Every mesh axis for every leaf: psum over axes where leaves are
     # replicated (caught while tracing: nothing is compiled).
     result["all_axes"] = error_of(lambda: run_shard_map(

@@ -21,7 +21,6 @@ from jax.sharding import PartitionSpec as P
 
 import lamb_optax
 from lamb_optax import masks
-from lamb_optax._src import lamb as lamb_module
 import reference
 from conftest import assert_trajectory_close, flat_mask, run_optimizer
 
@@ -232,22 +231,20 @@ def check_bounds_bind_per_slice(what, ref_steps, params, axes_per_leaf):
 
 
 # Every case in both modes with the full tree; the other forms on one case.
-LAMB_RUNS = ([(mode, case, "tree") for mode in ("chain", "fused_big_leaf_path")
+LAMB_RUNS = ([(mode, case, "tree") for mode in ("chain", "store_direction")
               for case in LAMB_CASES]
              + [("chain", "weight_decay_and_masks", "prefix"),
-                ("fused_big_leaf_path", "trust_ratio_bounds", "callable")])
+                ("store_direction", "trust_ratio_bounds", "callable")])
 
 
 @pytest.mark.parametrize("mode,case,form", LAMB_RUNS,
                          ids=["-".join(r) for r in LAMB_RUNS])
-def test_lamb_matches_per_slice_reference(mode, case, form, params, grads_seq,
-                                          monkeypatch):
+def test_lamb_matches_per_slice_reference(mode, case, form, params,
+                                          grads_seq):
   kwargs, what = LAMB_CASES[case]
   layer_axes = LAYER_AXES_FORMS[form]
-  if mode == "fused_big_leaf_path":
-    monkeypatch.setattr(lamb_module, "FUSED_MIN_SIZE", 0)
-  opt = lamb_optax.lamb(LR, layer_axes=layer_axes, fused=mode != "chain",
-                        **kwargs)
+  opt = lamb_optax.lamb(LR, layer_axes=layer_axes,
+                        store_direction=mode != "chain", **kwargs)
   got_params, got_ratios, _ = run_optimizer(opt, params, grads_seq)
   axes_per_leaf = per_leaf_axes(LAYER_AXES, params)
   assert axes_per_leaf == per_leaf_axes(layer_axes, params)
@@ -285,14 +282,12 @@ def test_lars_param_norm_bounds_per_slice(params, grads_seq):
   compare(got_params, got_ratios, ref_steps, axes_per_leaf)
 
 
-@pytest.mark.parametrize("opt_name", ["lamb", "fused", "lars"])
+@pytest.mark.parametrize("opt_name", ["lamb", "store_direction", "lars"])
 def test_without_layer_axes_fails_the_per_slice_reference(opt_name, params,
-                                                          grads_seq,
-                                                          monkeypatch):
+                                                          grads_seq):
   """The comparison can fail: one ratio per stacked leaf is far off."""
-  monkeypatch.setattr(lamb_module, "FUSED_MIN_SIZE", 0)
   make = {"lamb": lamb_optax.lamb, "lars": lamb_optax.lars,
-          "fused": lambda lr: lamb_optax.lamb(lr, fused=True)}[opt_name]
+          "store_direction": lambda lr: lamb_optax.lamb(lr, store_direction=True)}[opt_name]
   got_params, got_ratios, _ = run_optimizer(make(LR), params, grads_seq)
   axes_per_leaf = per_leaf_axes(LAYER_AXES, params)
   algorithm = reference.lars if opt_name == "lars" else reference.lamb
@@ -430,11 +425,11 @@ def test_one_spec_for_every_leaf(layer_axes, shape):
 # State.
 
 
-@pytest.mark.parametrize("opt_name", ["lamb", "fused", "lars", "trust_ratio"])
+@pytest.mark.parametrize("opt_name", ["lamb", "store_direction", "lars", "trust_ratio"])
 def test_state_ratio_shapes_and_init(opt_name, params, grads_seq):
   make = {
       "lamb": lambda **kw: lamb_optax.lamb(LR, **kw),
-      "fused": lambda **kw: lamb_optax.lamb(LR, fused=True, **kw),
+      "store_direction": lambda **kw: lamb_optax.lamb(LR, store_direction=True, **kw),
       "lars": lambda **kw: lamb_optax.lars(LR, **kw),
       "trust_ratio": lamb_optax.scale_by_trust_ratio,
   }[opt_name]
@@ -490,12 +485,12 @@ BAD_LAYER_AXES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_LAYER_AXES))
-@pytest.mark.parametrize("opt_name", ["lamb", "fused", "lars", "trust_ratio"])
+@pytest.mark.parametrize("opt_name", ["lamb", "store_direction", "lars", "trust_ratio"])
 def test_bad_layer_axes_raise(opt_name, case, params, grads_seq):
   bad, error = BAD_LAYER_AXES[case]
   make = {
       "lamb": lambda **kw: lamb_optax.lamb(LR, **kw),
-      "fused": lambda **kw: lamb_optax.lamb(LR, fused=True, **kw),
+      "store_direction": lambda **kw: lamb_optax.lamb(LR, store_direction=True, **kw),
       "lars": lambda **kw: lamb_optax.lars(LR, **kw),
       "trust_ratio": lamb_optax.scale_by_trust_ratio,
   }[opt_name]
@@ -538,14 +533,12 @@ def _update_size(opt, params):
   return _count_eqns(jaxpr.jaxpr)
 
 
-@pytest.mark.parametrize("opt_name", ["lamb", "fused", "lars"])
-def test_traced_update_does_not_grow_with_number_of_layers(opt_name,
-                                                           monkeypatch):
-  monkeypatch.setattr(lamb_module, "FUSED_MIN_SIZE", 0)
+@pytest.mark.parametrize("opt_name", ["lamb", "store_direction", "lars"])
+def test_traced_update_does_not_grow_with_number_of_layers(opt_name):
   kwargs = {"param_norm_bounds": (0.1, 10.0),
             "trust_ratio_bounds": (0.0, 5.0), "weight_decay": 0.01}
   make = {"lamb": lambda **kw: lamb_optax.lamb(LR, **kw),
-          "fused": lambda **kw: lamb_optax.lamb(LR, fused=True, **kw),
+          "store_direction": lambda **kw: lamb_optax.lamb(LR, store_direction=True, **kw),
           "lars": lambda **kw: lamb_optax.lars(LR, **kw)}[opt_name]
 
   def stacked(num_layers):
