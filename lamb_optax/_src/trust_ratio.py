@@ -3,9 +3,9 @@ r"""The layer-wise trust ratio of LAMB and LARS: one engine for every caller.
 Every per-leaf setting (is the ratio applied, is the leaf decayed, which axes
 index layers, which mesh axes its norm is summed over) is resolved once per
 call into a params-shaped tree of :class:`LeafSpec`. :func:`scale_updates`
-then computes every layer's squared norms (small leaves of one shape reduced
-together), every ratio in one vector operation (:func:`trust_ratio_from_norms`)
-and the scaled updates. :func:`scale_by_trust_ratio`, :func:`lamb_optax.lamb`,
+then maps one computation over the leaves: each leaf's squared norms (one per
+layer), its ratios (:func:`trust_ratio_from_norms`, the one ratio function)
+and its scaled update. :func:`scale_by_trust_ratio`, :func:`lamb_optax.lamb`,
 :func:`lamb_optax.lars` and every preset use it; the presets' rules (a
 run-time gate on the decay, ratio bounds that leave the fallback ``r = 1``
 alone, traced bounds, the norm of decoupled-decayed params) are options.
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import chex
@@ -27,13 +26,6 @@ from lamb_optax._src import layers
 from lamb_optax._src import numerics
 from lamb_optax._src import prefix
 from lamb_optax._src import validation
-
-# Leaves with fewer elements and no layer axes have their squared norms
-# reduced together with the other leaves of their shape: one kernel per
-# shape instead of 3-4 per leaf (BERT's 768-element biases and LayerNorm
-# parameters), which is most of the compile time of a deep tree.
-GROUPED_NORM_MAX_SIZE = 1 << 14
-
 
 class ScaleByTrustRatioState(NamedTuple):
   """State of :func:`scale_by_trust_ratio`.
@@ -119,7 +111,7 @@ def trust_ratio_from_norms(
     *,
     gate: Optional[chex.Array] = None,
 ) -> chex.Array:
-  r"""The ratios :math:`r` of any number of layers, in one vector operation.
+  r"""The ratios :math:`r` of any number of layers, from their norms.
 
   .. math::
 
@@ -179,32 +171,6 @@ def expand_ratio(ratio: chex.Array, ndim: int,
       ratio, tuple(i for i in range(ndim) if i not in layer_axes))
 
 
-def _squared_norms(leaves: list[chex.Array],
-                   specs: list[LeafSpec]) -> list[chex.Array]:
-  """Squared norms of each leaf's layers (shape: its layer axes).
-
-  Leaves that are small, have no layer axes and share shape, dtype and mesh
-  axes are stacked and reduced in one operation; the others one by one.
-  """
-  out: list[Optional[chex.Array]] = [None] * len(leaves)
-  groups: dict[Any, list[int]] = {}
-  for i, (x, spec) in enumerate(zip(leaves, specs)):
-    if not spec.layer_axes and x.size <= GROUPED_NORM_MAX_SIZE:
-      groups.setdefault((x.shape, x.dtype, spec.axis_names), []).append(i)
-    else:
-      out[i] = numerics.squared_norms(x, spec.layer_axes, spec.axis_names)
-  for (_, _, names), members in groups.items():
-    if len(members) == 1:
-      i = members[0]
-      out[i] = numerics.squared_norms(leaves[i], (), names)
-      continue
-    stacked = jnp.stack([leaves[i] for i in members])
-    squared = numerics.squared_norms(stacked, (0,), names)
-    for k, i in enumerate(members):
-      out[i] = squared[k]
-  return out
-
-
 def scale_updates(
     updates: Any,
     params: Any,
@@ -231,52 +197,29 @@ def scale_updates(
     params-shaped tree of float32 ratios (the layer axes' shapes; 1 where
     the ratio does not apply).
   """
-  treedef = jax.tree.structure(params)
-  flat_x = treedef.flatten_up_to(params)
-  flat_u = treedef.flatten_up_to(updates)
-  flat_specs = treedef.flatten_up_to(specs)
-  adapted = [i for i, spec in enumerate(flat_specs) if spec.adapt]
-
   def param_for_norm(x, spec):
     if param_decay is None or not spec.decay:
       return x
     x = numerics.upcast(x)
     return x - x * jnp.asarray(param_decay).astype(x.dtype)
 
-  chosen = [flat_specs[i] for i in adapted]
-  param_sq = _squared_norms(
-      [param_for_norm(flat_x[i], flat_specs[i]) for i in adapted], chosen)
-  update_sq = _squared_norms([flat_u[i] for i in adapted], chosen)
-
-  ratios = [jnp.ones(layer_shape(x, spec), jnp.float32)
-            for x, spec in zip(flat_x, flat_specs)]
-  if adapted:
-    # Every ratio in one vector operation (float32, or float64 when any
-    # norm is float64).
-    dtype = jnp.result_type(*param_sq, *update_sq)
-    flat_ratio = trust_ratio_from_norms(
-        jnp.sqrt(jnp.concatenate([jnp.ravel(p).astype(dtype)
-                                  for p in param_sq])),
-        jnp.sqrt(jnp.concatenate([jnp.ravel(q).astype(dtype)
-                                  for q in update_sq])),
-        options, gate=gate)
-    offset = 0
-    for i in adapted:
-      shape = layer_shape(flat_x[i], flat_specs[i])
-      size = math.prod(shape)
-      ratios[i] = flat_ratio[offset:offset + size].reshape(shape)
-      offset += size
-
-  scaled = []
-  for i, (u, spec) in enumerate(zip(flat_u, flat_specs)):
+  def leaf(u, x, spec):
     if not spec.adapt:
-      scaled.append(u)
-      continue
-    chex.assert_shape(ratios[i], layer_shape(flat_x[i], spec))
+      return u, jnp.ones(layer_shape(x, spec), jnp.float32)
+    ratio = trust_ratio_from_norms(
+        jnp.sqrt(numerics.squared_norms(param_for_norm(x, spec),
+                                        spec.layer_axes, spec.axis_names)),
+        jnp.sqrt(numerics.squared_norms(u, spec.layer_axes,
+                                        spec.axis_names)),
+        options, gate=gate)
+    chex.assert_shape(ratio, layer_shape(x, spec))
     cdt = numerics.compute_dtype(u.dtype)
-    scale = expand_ratio(ratios[i].astype(cdt), u.ndim, spec.layer_axes)
-    scaled.append((u.astype(cdt) * scale).astype(u.dtype))
-  return treedef.unflatten(scaled), treedef.unflatten(ratios)
+    scale = expand_ratio(ratio.astype(cdt), u.ndim, spec.layer_axes)
+    return (u.astype(cdt) * scale).astype(u.dtype), ratio
+
+  out = jax.tree.map(leaf, updates, params, specs)
+  return jax.tree.transpose(jax.tree.structure(params),
+                            jax.tree.structure((0, 0)), out)
 
 
 def trust_ratio_transform(
