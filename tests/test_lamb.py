@@ -1,6 +1,6 @@
 """lamb_optax.lamb against the float64 statement of Algorithm 2 (reference.py).
 
-Every option is run for 12 steps on the awkward fixture tree (conftest.py) and
+Every option is run for 12 steps on the awkward fixture tree (helpers.py) and
 compared step by step: the parameters after each step and the trust ratios
 read back with ``lamb_optax.trust_ratios``. Each case also checks, on the
 reference alone, that the option changes the trajectory (or that bounds and
@@ -19,7 +19,7 @@ import pytest
 
 import lamb_optax
 import reference
-from conftest import (ZERO_LAYER, assert_trajectory_close, flat_mask,
+from helpers import (ZERO_LAYER, assert_trajectory_close, flat_mask,
                       make_grads, make_params, no_bias_or_norm, run_optimizer,
                       to_numpy64, trajectory_distance)
 

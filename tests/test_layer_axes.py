@@ -22,7 +22,7 @@ from jax.sharding import PartitionSpec as P
 import lamb_optax
 from lamb_optax import masks
 import reference
-from conftest import assert_trajectory_close, flat_mask, run_optimizer
+from helpers import assert_trajectory_close, flat_mask, run_optimizer
 
 NUM_STEPS = 10
 LR = 0.05
@@ -71,7 +71,7 @@ def _slice_scale(shape, axes, scales):
   return np.expand_dims(scales, [i for i in range(len(shape)) if i not in axes])
 
 
-def make_params():
+def stacked_params():
   rng = np.random.default_rng(0)
   flat = {}
   for path, (shape, axes, scales, _) in STACKED.items():
@@ -84,7 +84,7 @@ def make_params():
   return _nest(flat)
 
 
-def make_grads(num_steps=NUM_STEPS):
+def stacked_grads(num_steps=NUM_STEPS):
   rng = np.random.default_rng(1)
   shapes = {p: v[0] for p, v in {**STACKED, **PLAIN}.items()}
   offsets = {p: rng.standard_normal(s) for p, s in shapes.items()}
@@ -120,12 +120,12 @@ def layer_axes_fn(params):
 
 @pytest.fixture(scope="module")
 def params():
-  return make_params()
+  return stacked_params()
 
 
 @pytest.fixture(scope="module")
 def grads_seq():
-  return make_grads()
+  return stacked_grads()
 
 
 def per_leaf_axes(layer_axes, params):
@@ -745,3 +745,43 @@ def test_from_nnx_state(create):
   np.testing.assert_allclose(
       np.asarray(lamb_optax.trust_ratios(opt_state)["layers"]["linear"]
                  ["kernel"]), want_ratios, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# axis_names_from_specs: the mesh axes a layer's squared norm is summed over.
+# --------------------------------------------------------------------------
+
+
+def test_names_the_axes_that_split_each_leaf_and_nothing_else():
+  specs = {"fsdp_tp": P("data", "model"), "replicated": P(),
+           "tuple_entry": P(("data", "model"), None), "short": P(None, "model")}
+  assert lamb_optax.axis_names_from_specs(specs) == {
+      "fsdp_tp": ("data", "model"), "replicated": None,
+      "tuple_entry": ("data", "model"), "short": ("model",)}
+
+
+def test_axes_that_split_layers_are_left_out():
+  # Devices along "stage" hold different layers: their norms must not add.
+  specs = {"stack": P("stage", None, "model"), "head": P("stage")}
+  names = lamb_optax.axis_names_from_specs(
+      specs, layer_axes={"stack": 0, "head": None})
+  assert names == {"stack": ("model",), "head": ("stage",)}
+  # A layer axis past the spec's length is unsplit: nothing to leave out.
+  assert lamb_optax.axis_names_from_specs(
+      {"w": P("model")}, layer_axes=2) == {"w": ("model",)}
+
+
+def test_negative_layer_axes_are_refused_because_specs_omit_trailing_dims():
+  # P(None, "model") fits a (L, d, d) leaf: -1 would be read as dim 1.
+  with pytest.raises(ValueError, match="`layer_axes`.*non-negative"):
+    lamb_optax.axis_names_from_specs({"w": P(None, "model")}, layer_axes=-1)
+
+
+def test_bad_inputs_name_the_argument():
+  with pytest.raises(TypeError, match="`specs`.*PartitionSpec"):
+    lamb_optax.axis_names_from_specs({"w": ("data",)})
+  with pytest.raises(TypeError, match="`layer_axes`.*callable"):
+    lamb_optax.axis_names_from_specs({"w": P("data")}, layer_axes=lambda p: 0)
+  with pytest.raises(ValueError, match="`layer_axes` does not fit"):
+    lamb_optax.axis_names_from_specs({"w": P("data")},
+                                     layer_axes={"v": 0})

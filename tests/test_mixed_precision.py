@@ -29,7 +29,7 @@ LAYER_AXES = {"b": None, "big": 0, "w": None}
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
-def make_params(dtype):
+def mixed_precision_params(dtype):
   rng = np.random.default_rng(0)
   scales = np.array([0.5, 1.0, 2.0, 4.0]).reshape(-1, 1, 1)
   big = scales * rng.uniform(0.5, 1.5, (NUM_LAYERS, 128, 128)) * rng.choice(
@@ -39,7 +39,7 @@ def make_params(dtype):
           "w": jnp.asarray(rng.standard_normal((64, 32)), dtype)}
 
 
-def make_grads(dtype, num_steps, seed=1):
+def mixed_precision_grads(dtype, num_steps, seed=1):
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(num_steps):
@@ -89,8 +89,8 @@ def test_ratios_are_float32_accurate_norms_of_low_precision_values(
     dtype_name, opt_name, layer_axes):
   dtype = DTYPES[dtype_name]
   make, direction = FIRST_STEP[opt_name]
-  params = make_params(dtype)
-  (grads,) = make_grads(dtype, 1)
+  params = mixed_precision_params(dtype)
+  (grads,) = mixed_precision_grads(dtype, 1)
   opt = make(layer_axes=layer_axes)
   updates, state = opt.update(grads, opt.init(params), params)
   ratios = lamb_optax.trust_ratios(state)
@@ -117,8 +117,8 @@ def test_ratios_are_float32_accurate_norms_of_low_precision_values(
 def test_scale_by_trust_ratio_norms_in_float32(dtype_name):
   """The transform alone, on arbitrary low-precision updates."""
   dtype = DTYPES[dtype_name]
-  params = make_params(dtype)
-  (updates,) = make_grads(dtype, 1, seed=5)
+  params = mixed_precision_params(dtype)
+  (updates,) = mixed_precision_grads(dtype, 1, seed=5)
   tx = lamb_optax.scale_by_trust_ratio(layer_axes=LAYER_AXES)
   scaled, state = tx.update(updates, tx.init(params), params)
   ratios = lamb_optax.trust_ratios(state)
@@ -152,8 +152,8 @@ def _adam_state(state):
                                       "f32_moments_on_fp16"])
 def test_moment_dtypes_kept_across_steps(param_dtype, moment_dtype,
                                         store_direction):
-  params = make_params(param_dtype)
-  grads_seq = make_grads(param_dtype, 3)
+  params = mixed_precision_params(param_dtype)
+  grads_seq = mixed_precision_grads(param_dtype, 3)
   b1, b2 = 0.9, 0.999
   opt = lamb_optax.lamb(LR, b1=b1, b2=b2, weight_decay=0.01,
                         mu_dtype=moment_dtype, nu_dtype=moment_dtype,
@@ -220,13 +220,13 @@ def _signature(tree):
                               "lars-per_leaf"])
 def test_jit_compiles_once_over_five_steps(config, layer_axes):
   dtype = jnp.bfloat16
-  params = make_params(dtype)
+  params = mixed_precision_params(dtype)
   opt = CONFIGS[config](layer_axes=layer_axes)
   state = opt.init(params)
   signature = _signature(state)
   param_signature = _signature(params)
   update = jax.jit(opt.update)
-  for grads in make_grads(dtype, 5, seed=2):
+  for grads in mixed_precision_grads(dtype, 5, seed=2):
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
     assert _signature(state) == signature
