@@ -6,7 +6,6 @@ adds one that keeps the direction in the state (see `stored_direction`).
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Optional
 import warnings
 
@@ -168,14 +167,11 @@ def lamb(
         DeprecationWarning, stacklevel=2)
     store_direction = store_direction or fused
   validation.check_bool("store_direction", store_direction)
-  options = trust_ratio.TrustRatioOptions(
-      param_norm_bounds=validation.check_bounds(
-          "param_norm_bounds", param_norm_bounds),
-      trust_ratio_bounds=validation.check_bounds(
-          "trust_ratio_bounds", trust_ratio_bounds))
-  specs_fn = functools.partial(
-      trust_ratio.leaf_specs, adapt_mask=trust_ratio_mask,
-      layer_axes=layer_axes, axis_name=axis_name)
+  trust_tx = trust_ratio.trust_ratio_from_arguments(
+      mask=trust_ratio_mask, mask_name="trust_ratio_mask",
+      param_norm_bounds=param_norm_bounds,
+      trust_ratio_bounds=trust_ratio_bounds, layer_axes=layer_axes,
+      axis_name=axis_name)
   parts = [
       adam.scale_by_adam(
           b1=b1, b2=b2, eps=eps, eps_root=eps_root,
@@ -187,8 +183,7 @@ def lamb(
     parts.insert(0, clipping.clip_by_global_norm(max_grad_norm, axis_name))
   if store_direction:
     parts.append(stored_direction.store_in_state())
-  parts += [trust_ratio.trust_ratio_transform(specs_fn, options),
-            optax.scale_by_learning_rate(learning_rate)]
+  parts += [trust_tx, optax.scale_by_learning_rate(learning_rate)]
   return checked_chain(optax.chain(*parts), name="lamb",
                        weight_decay_mask=weight_decay_mask,
                        trust_ratio_mask=trust_ratio_mask)

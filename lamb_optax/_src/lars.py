@@ -2,7 +2,6 @@ r"""LARS (Algorithm 1 of You et al., 2020): momentum rescaled per layer."""
 
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import jax
@@ -103,21 +102,15 @@ def lars(
   validation.check_learning_rate(learning_rate)
   validation.check_unit_interval("momentum", momentum)
   validation.check_finite_non_negative("weight_decay", weight_decay)
-  validation.check_non_negative("trust_coefficient", trust_coefficient)
-  validation.check_non_negative("eps", eps)
-  options = trust_ratio.TrustRatioOptions(
-      trust_coefficient=trust_coefficient, eps=eps,
-      param_norm_bounds=validation.check_bounds(
-          "param_norm_bounds", param_norm_bounds),
-      trust_ratio_bounds=validation.check_bounds(
-          "trust_ratio_bounds", trust_ratio_bounds))
-  specs_fn = functools.partial(
-      trust_ratio.leaf_specs, adapt_mask=trust_ratio_mask,
-      layer_axes=layer_axes, axis_name=axis_name)
   chain = optax.chain(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       damped_momentum(momentum),
-      trust_ratio.trust_ratio_transform(specs_fn, options),
+      trust_ratio.trust_ratio_from_arguments(
+          mask=trust_ratio_mask, mask_name="trust_ratio_mask",
+          trust_coefficient=trust_coefficient, eps=eps,
+          param_norm_bounds=param_norm_bounds,
+          trust_ratio_bounds=trust_ratio_bounds, layer_axes=layer_axes,
+          axis_name=axis_name),
       optax.scale_by_learning_rate(learning_rate),
   )
   return checked_chain(chain, name="lars",

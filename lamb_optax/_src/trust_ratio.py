@@ -331,6 +331,22 @@ def scale_by_trust_ratio(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
+  return trust_ratio_from_arguments(
+      mask=mask, mask_name="mask", trust_coefficient=trust_coefficient,
+      eps=eps, param_norm_bounds=param_norm_bounds,
+      trust_ratio_bounds=trust_ratio_bounds, layer_axes=layer_axes,
+      axis_name=axis_name)
+
+
+def trust_ratio_from_arguments(
+    *, mask: validation.MaskArg, mask_name: str,
+    trust_coefficient: float = 1.0, eps: float = 0.0,
+    param_norm_bounds: Optional[tuple[float, float]] = None,
+    trust_ratio_bounds: Optional[tuple[float, float]] = None,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None) -> optax.GradientTransformation:
+  """Checks a public function's trust-ratio arguments (its mask is called
+  ``mask_name`` there) and builds the engine's transform."""
   validation.check_non_negative("trust_coefficient", trust_coefficient)
   validation.check_non_negative("eps", eps)
   options = TrustRatioOptions(
@@ -340,6 +356,6 @@ def scale_by_trust_ratio(
       trust_ratio_bounds=validation.check_bounds(
           "trust_ratio_bounds", trust_ratio_bounds))
   specs_fn = functools.partial(leaf_specs, adapt_mask=mask,
-                               adapt_mask_name="mask", layer_axes=layer_axes,
-                               axis_name=axis_name)
+                               adapt_mask_name=mask_name,
+                               layer_axes=layer_axes, axis_name=axis_name)
   return trust_ratio_transform(specs_fn, options)
