@@ -90,8 +90,8 @@ def lamb(
   :class:`lamb_optax.StoredDirectionState`). In a jitted step that donates
   the state, XLA writes :math:`u_t` there in place instead of into a fresh
   parameter-sized temporary, whose page faults are most of the default's
-  step time on CPU (1.6x AdamW's step instead of 2.4x on BERT-base, see
-  docs/performance.md). The updates are the same numbers either way, and
+  step time on CPU (on BERT-base, 1.6-2.0x AdamW's step instead of
+  2.8-2.9x, measured on a shared machine; see docs/performance.md). The updates are the same numbers either way, and
   :math:`\|x_{t+1}-x_t\| = \eta_t\,r_t\|u_t\|` holds by construction
   in both (:math:`u_t` is computed once). The cost is memory: one more
   params-shaped array of state (4 bytes per float32 parameter, 438 MB on
