@@ -57,10 +57,10 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
         1e-3, weight_decay=0.01,
         weight_decay_mask=lamb_optax.masks.exclude_bias_and_norm(),
         trust_ratio_mask=lamb_optax.masks.exclude_bias_and_norm()),
-    "lamb_optax.lamb(fused=True)": lambda: lamb_optax.lamb(
-        1e-3, weight_decay=0.01, fused=True),
-    "lamb_optax.lamb(fused=True) (BERT masks)": lambda: lamb_optax.lamb(
-        1e-3, weight_decay=0.01, fused=True,
+    "lamb_optax.lamb(store_direction=True)": lambda: lamb_optax.lamb(
+        1e-3, weight_decay=0.01, store_direction=True),
+    "lamb_optax.lamb(store_direction=True) (BERT masks)": lambda: lamb_optax.lamb(
+        1e-3, weight_decay=0.01, store_direction=True,
         weight_decay_mask=lamb_optax.masks.exclude_bias_and_norm(),
         trust_ratio_mask=lamb_optax.masks.exclude_bias_and_norm()),
     "lamb_optax.lars": lambda: lamb_optax.lars(1e-3, weight_decay=0.01),
@@ -80,10 +80,10 @@ SCANNED_OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
             1e-3, weight_decay=0.01, layer_axes=SCANNED_LAYER_AXES,
             weight_decay_mask=lamb_optax.masks.exclude_bias_and_norm(),
             trust_ratio_mask=lamb_optax.masks.exclude_bias_and_norm()),
-    "lamb_optax.lamb(layer_axes, fused=True) (BERT masks) [scanned]":
+    "lamb_optax.lamb(layer_axes, store_direction=True) (BERT masks) [scanned]":
         lambda: lamb_optax.lamb(
             1e-3, weight_decay=0.01, layer_axes=SCANNED_LAYER_AXES,
-            fused=True,
+            store_direction=True,
             weight_decay_mask=lamb_optax.masks.exclude_bias_and_norm(),
             trust_ratio_mask=lamb_optax.masks.exclude_bias_and_norm()),
     "lamb_optax.lars(layer_axes) [scanned]": lambda: lamb_optax.lars(
@@ -433,6 +433,12 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser.add_argument("--quick", action="store_true",
                       help="Tiny shapes (hidden 64, vocab 1000) to "
                       "smoke-test the script in seconds.")
+  parser.add_argument("--only", default=None,
+                      help="Comma-separated substrings: run only the rows "
+                      "whose name contains one (the AdamW baselines always "
+                      "run), e.g. 'lamb_optax.lamb(store,lars'.")
+  parser.add_argument("--no-scanned", action="store_true",
+                      help="Skip the scanned-tree rows.")
   parser.add_argument("--out", default=DEFAULT_OUT,
                       help=f"JSON output path (default {DEFAULT_OUT}).")
   args = parser.parse_args(argv)
@@ -499,19 +505,31 @@ def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
   return rows
 
 
+def _selected(factories: dict[str, Any], baseline: str,
+              only: Optional[str]) -> list[str]:
+  """The baseline and the rows ``--only`` selects (all without it)."""
+  if not only:
+    return list(factories)
+  wanted = [w for w in only.split(",") if w]
+  return [name for name in factories
+          if name == baseline or any(w in name for w in wanted)]
+
+
 def _run(args: argparse.Namespace) -> dict[str, Any]:
   sizes = (dict(hidden=64, ffn=256, vocab=1000, positions=128) if args.quick
            else {})
   shapes = bert_base_shapes(layers=args.layers, **sizes)
   compile_shapes = bert_base_shapes(layers=args.compile_layers, **sizes)
   n_params = count_params(shapes)
-  rows = _rows(list(OPTIMIZERS), OPTIMIZERS, BASELINE, shapes,
-               compile_shapes, args)
-  rows.update(_rows(
-      list(SCANNED_OPTIMIZERS), SCANNED_OPTIMIZERS, SCANNED_BASELINE,
-      bert_base_shapes(layers=args.layers, scanned=True, **sizes),
-      bert_base_shapes(layers=args.compile_layers, scanned=True, **sizes),
-      args))
+  rows = _rows(_selected(OPTIMIZERS, BASELINE, args.only), OPTIMIZERS,
+               BASELINE, shapes, compile_shapes, args)
+  if not args.no_scanned:
+    rows.update(_rows(
+        _selected(SCANNED_OPTIMIZERS, SCANNED_BASELINE, args.only),
+        SCANNED_OPTIMIZERS, SCANNED_BASELINE,
+        bert_base_shapes(layers=args.layers, scanned=True, **sizes),
+        bert_base_shapes(layers=args.compile_layers, scanned=True, **sizes),
+        args))
   result = {
       "environment": environment(),
       "config": {

@@ -18,6 +18,8 @@ from lamb_optax._src.layers import layer_axes_from_metadata
 from lamb_optax._src.lars import lars
 from lamb_optax._src.sharding import state_shardings
 from lamb_optax._src.state_utils import trust_ratios
+from lamb_optax._src.stored_direction import StoredDirectionState
+from lamb_optax._src.stored_direction import store_in_state
 from lamb_optax._src.trust_ratio import ScaleByTrustRatioState
 from lamb_optax._src.trust_ratio import scale_by_trust_ratio
 
@@ -26,6 +28,7 @@ __version__ = "0.1.0"
 __all__ = (
     "ScaleByAdamState",
     "ScaleByTrustRatioState",
+    "StoredDirectionState",
     "accumulate_gradients",
     "axis_names_from_specs",
     "lamb",
@@ -38,5 +41,6 @@ __all__ = (
     "scale_by_trust_ratio",
     "schedules",
     "state_shardings",
+    "store_in_state",
     "trust_ratios",
 )

@@ -33,11 +33,10 @@ import lamb_optax
 from lamb_optax._src.sharding import state_shardings
 
 NUM_STEPS = 5
-OPTIMIZERS = ("lamb", "lamb_fused", "lars")
+OPTIMIZERS = ("lamb", "lamb_store_direction", "lars")
 
 # Leaf -> shape. blocks/kernel stacks 4 layers (scanned model, layer axis 0)
-# and has 4 * 128 * 128 = 65536 elements, enough for the fused LAMB update to
-# recompute u in its norm pass (lamb.FUSED_MIN_SIZE).
+# and has 4 * 128 * 128 = 65536 elements.
 SHAPES = {
     "blocks": {"kernel": (4, 128, 128)},
     "dense": {"bias": (12,), "kernel": (8, 12)},
@@ -75,7 +74,7 @@ BLOCK_PARAM_SCALES = np.array([1.0, 10.0, 0.03, 3.0])[:, None, None]
 BLOCK_GRAD_SCALES = np.array([0.1, 1.0, 10.0, 0.3])[:, None, None]
 
 
-def make_params() -> dict:
+def scenario_params() -> dict:
   rng = np.random.default_rng(0)
   scales = {"blocks": 0.05 * BLOCK_PARAM_SCALES, "dense": 0.5, "embed": 0.02,
             "head": 2.0, "norm": 1.0}
@@ -86,7 +85,7 @@ def make_params() -> dict:
           for module, leaves in SHAPES.items()}
 
 
-def make_grads(num_steps: int = NUM_STEPS, seed: int = 1) -> list[dict]:
+def scenario_grads(num_steps: int = NUM_STEPS, seed: int = 1) -> list[dict]:
   rng = np.random.default_rng(seed)
   scales = {"blocks": 1e-3 * BLOCK_GRAD_SCALES, "dense": 1.0, "embed": 10.0,
             "head": 0.1, "norm": 0.01}
@@ -109,11 +108,11 @@ MAX_GRAD_NORM = 5.0
 
 def make_optimizer(name: str, *, axis_name=None, layer_axes=LAYER_AXES,
                    max_grad_norm=None) -> optax.GradientTransformation:
-  if name in ("lamb", "lamb_fused"):
+  if name in ("lamb", "lamb_store_direction"):
     return lamb_optax.lamb(
         1e-2, weight_decay=0.01, weight_decay_mask=MASK,
         trust_ratio_mask=MASK, layer_axes=layer_axes, axis_name=axis_name,
-        max_grad_norm=max_grad_norm, fused=name == "lamb_fused")
+        max_grad_norm=max_grad_norm, store_direction=name == "lamb_store_direction")
   if name == "lars":
     assert max_grad_norm is None
     return lamb_optax.lars(
@@ -144,11 +143,11 @@ def run_single_device(name: str, grads_seq=None, **kw) -> list[dict]:
   """
   tx = make_optimizer(name, **kw)
   device = jax.local_devices()[0]
-  params = jax.device_put(make_params(), device)
+  params = jax.device_put(scenario_params(), device)
   state = tx.init(params)
   step = train_step(tx)
   out = []
-  for grads in grads_seq or make_grads():
+  for grads in grads_seq or scenario_grads():
     params, state = step(params, state, jax.device_put(grads, device))
     out.append(record(params, state))
   return out
@@ -160,7 +159,7 @@ def compare(got: list[dict], ref: list[dict]) -> dict:
   ``param_err``: relative to the layer's total move over the run (so it reads
   as "fraction of what the optimizer did"); ``ratio_err``: relative.
   """
-  start = jax.tree.leaves(make_params())
+  start = jax.tree.leaves(scenario_params())
   moves = [np.max(np.abs(end - np.asarray(x0, np.float64)))
            for end, x0 in zip(ref[-1]["params"], start)]
   param_err = ratio_err = 0.0
@@ -207,13 +206,13 @@ def scenario_jit(name: str, ref, *, zero: bool, explicit: bool = False) -> dict:
   else:
     param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), SPECS)
   tx = make_optimizer(name)
-  params = jax.device_put(make_params(), param_sh)
+  params = jax.device_put(scenario_params(), param_sh)
   state_sh = state_shardings(tx, params, param_sh,
                              zero_axis="data" if zero else None)
   state = jax.jit(tx.init, out_shardings=state_sh)(params)
   step = jax.jit(train_step(tx), in_shardings=(param_sh, state_sh, param_sh),
                  out_shardings=(param_sh, state_sh))
-  grads_seq = [jax.device_put(g, param_sh) for g in make_grads()]
+  grads_seq = [jax.device_put(g, param_sh) for g in scenario_grads()]
   # Compiled once: calling the compiled step with inputs sharded otherwise
   # than it was compiled for raises, so 5 calls prove the shardings stay.
   compiled = step.lower(params, state, grads_seq[0]).compile()
@@ -269,7 +268,7 @@ def scenario_pmap(name: str) -> dict:
   rng = np.random.default_rng(7)
   # Each device's gradient: the step's gradient plus noise that averages out.
   local_seq, mean_seq = [], []
-  for grads in make_grads():
+  for grads in scenario_grads():
     def spread(g):
       noise = rng.standard_normal((n,) + g.shape).astype(np.float32)
       noise -= noise.mean(axis=0)
@@ -290,7 +289,7 @@ def scenario_pmap(name: str) -> dict:
   def user_collectives_only(params, state, local_grads):
     return jax.lax.pmean(local_grads, "batch")
 
-  params = make_params()
+  params = scenario_params()
   one_grads = jax.tree.map(lambda x: x[0], local_seq[0])
   state0 = tx.init(params)
   count = lambda f: str(jax.make_jaxpr(f, axis_env=[("batch", n)])(
@@ -317,7 +316,7 @@ def scenario_pmap(name: str) -> dict:
 def shard_map_state_specs(tx, mesh, specs, stage_axis=None):
   """The state's specs under shard_map: moments like the params, the rest
   replicated, except per-layer ratios of a leaf whose layer axis is split."""
-  params = make_params()
+  params = scenario_params()
   param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
   state_specs = jax.tree.map(lambda s: s.spec,
                              state_shardings(tx, params, param_sh))
@@ -338,11 +337,11 @@ def run_shard_map(name, mesh, specs, *, axis_name, check_vma=True,
   step = jax.jit(jax.shard_map(
       train_step(tx), mesh=mesh, in_specs=(specs, state_specs, specs),
       out_specs=(specs, state_specs), check_vma=check_vma))
-  params = make_params()
+  params = scenario_params()
   # The initial state of the blocks is the global initial state's blocks.
   state = tx.init(params)
   out = []
-  for grads in make_grads():
+  for grads in scenario_grads():
     params, state = step(params, state, grads)
     out.append(record(params, state))
   return out
@@ -370,7 +369,7 @@ def scenario_shard_map(name: str, ref, ref_clipped) -> dict:
 
   sub("correct", lambda: compare(
       run_shard_map(name, mesh, SPECS, axis_name=axis_name), ref))
-  if name != "lamb_fused":
+  if name != "lamb_store_direction":
     # Every mesh axis for every leaf: psum over axes where leaves are
     # replicated (caught while tracing: nothing is compiled).
     result["all_axes"] = error_of(lambda: run_shard_map(
@@ -451,7 +450,7 @@ def main(out_path: str) -> None:
               lambda: scenario_jit(name, ref, zero=False, explicit=True))
   attempt("zero_specs", scenario_zero_specs)
   attempt("replicated_leaf_psum", scenario_replicated_leaf_psum)
-  results["grad_norms"] = global_grad_norms(make_grads())
+  results["grad_norms"] = global_grad_norms(scenario_grads())
   with open(out_path, "w") as f:
     json.dump(results, f, indent=1)
 

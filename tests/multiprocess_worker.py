@@ -44,8 +44,8 @@ def main(process_id: int, port: int, out_dir: str) -> None:
   from jax.experimental import multihost_utils
   from jax.sharding import AxisType, Mesh, NamedSharding
   import numpy as np
-  from distributed_scenarios import (OPTIMIZERS, SPECS, make_grads,
-                                     make_optimizer, make_params,
+  from distributed_scenarios import (OPTIMIZERS, SPECS, scenario_grads,
+                                     make_optimizer, scenario_params,
                                      moment_leaves, train_step)
   import lamb_optax
   from lamb_optax._src.sharding import state_shardings
@@ -71,12 +71,12 @@ def main(process_id: int, port: int, out_dir: str) -> None:
                        "device_count": jax.device_count()}
   for name in OPTIMIZERS:
     tx = make_optimizer(name)
-    params = to_global(make_params())
+    params = to_global(scenario_params())
     state_sh = state_shardings(tx, params, param_sh)
     state = jax.jit(tx.init, out_shardings=state_sh)(params)
     step = jax.jit(train_step(tx), in_shardings=(param_sh, state_sh, param_sh),
                    out_shardings=(param_sh, state_sh))
-    for t, grads in enumerate(make_grads()):
+    for t, grads in enumerate(scenario_grads()):
       params, state = step(params, state, to_global(grads))
       host_params = multihost_utils.process_allgather(params, tiled=True)
       host_ratios = multihost_utils.process_allgather(

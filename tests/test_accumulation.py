@@ -22,7 +22,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import make_grads, make_params
+from helpers import make_grads, make_params
 import lamb_optax
 from lamb_optax._src.accumulation import accumulate_gradients
 from lamb_optax._src.accumulation import multi_steps
@@ -33,7 +33,7 @@ LR_SCHEDULE = optax.linear_schedule(1e-2, 1e-3, transition_steps=4)
 
 
 def _grads(num_steps=NUM_MICRO_STEPS):
-  """Gradients for the awkward tree of conftest (6 leaves, mixed scales)."""
+  """Gradients for the awkward tree of helpers.py (6 leaves, mixed scales)."""
   return [jax.tree.map(jnp.asarray, g) for g in make_grads(num_steps)]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 import lamb_optax
 import reference
-from conftest import make_grads, make_params, to_numpy64
+from helpers import make_grads, make_params, to_numpy64
 
 CASES = {
     "defaults": {},

@@ -18,13 +18,13 @@ EXPECTED_OPTIMIZERS = (
     "optax.lamb",
     "lamb_optax.lamb",
     "lamb_optax.lamb (BERT masks)",
-    "lamb_optax.lamb(fused=True)",
-    "lamb_optax.lamb(fused=True) (BERT masks)",
+    "lamb_optax.lamb(store_direction=True)",
+    "lamb_optax.lamb(store_direction=True) (BERT masks)",
     "lamb_optax.lars",
     "optax.adamw [scanned]",
     "optax.lamb [scanned, one ratio per stack]",
     "lamb_optax.lamb(layer_axes) (BERT masks) [scanned]",
-    "lamb_optax.lamb(layer_axes, fused=True) (BERT masks) [scanned]",
+    "lamb_optax.lamb(layer_axes, store_direction=True) (BERT masks) [scanned]",
     "lamb_optax.lars(layer_axes) [scanned]",
 )
 

@@ -17,14 +17,15 @@ import optax
 import pytest
 
 import lamb_optax
+import reference
 
 
 # --------------------------------------------------------------------------
-# Local fixtures and a float64 reference.
+# Local fixtures; the float64 reference is reference.py's.
 # --------------------------------------------------------------------------
 
 
-def make_params(dtype=jnp.float32):
+def composition_params(dtype=jnp.float32):
   """Awkward leaves: a scalar, a zero vector, a 3-D tensor, mixed scales."""
   return jax.tree.map(lambda x: x.astype(dtype), {
       "block": {
@@ -40,14 +41,14 @@ def make_params(dtype=jnp.float32):
 @functools.lru_cache(maxsize=None)
 def _grad_leaves(step):
   rng = np.random.default_rng(step)
-  shapes = [np.shape(x) for x in jax.tree.leaves(make_params())]
+  shapes = [np.shape(x) for x in jax.tree.leaves(composition_params())]
   return tuple((0.1 + i) * rng.standard_normal(shape).astype(np.float32)
                for i, shape in enumerate(shapes))
 
 
-def make_grads(step, dtype=jnp.float32):
+def composition_grads(step, dtype=jnp.float32):
   """A different, deterministic gradient at every step."""
-  treedef = jax.tree.structure(make_params())
+  treedef = jax.tree.structure(composition_params())
   return jax.tree.unflatten(
       treedef, [jnp.asarray(g, dtype) for g in _grad_leaves(step)])
 
@@ -66,59 +67,26 @@ def shapes_and_dtypes(tree):
   return jax.tree.map(lambda x: (jnp.shape(x), jnp.asarray(x).dtype), tree)
 
 
-def _value_at(value, step):
-  return value(step) if callable(value) else value
-
-
 def np_lamb(params, grads_seq, *, learning_rate, weight_decay=0.0, b1=0.9,
             b2=0.999, eps=1e-6, decay_mask=None, adapt_mask=None):
-  """LAMB (Algorithm 2 of You et al.) in float64 numpy on flat leaves.
-
-  ``learning_rate`` and ``weight_decay`` may be functions of the 0-based step.
-  Returns the parameters after the last step (a list of leaves).
-  """
-  x = leaves64(params)
-  n = len(x)
-  decay_mask = [True] * n if decay_mask is None else decay_mask
-  adapt_mask = [True] * n if adapt_mask is None else adapt_mask
-  m = [np.zeros_like(a) for a in x]
-  v = [np.zeros_like(a) for a in x]
-  for step, grads in enumerate(grads_seq):
-    t = step + 1
-    lr = float(_value_at(learning_rate, step))
-    wd = float(_value_at(weight_decay, step))
-    new_x = []
-    for i, g in enumerate(leaves64(grads)):
-      m[i] = b1 * m[i] + (1 - b1) * g
-      v[i] = b2 * v[i] + (1 - b2) * g * g
-      u = (m[i] / (1 - b1 ** t)) / (np.sqrt(v[i] / (1 - b2 ** t)) + eps)
-      if decay_mask[i]:
-        u = u + wd * x[i]
-      ratio = 1.0
-      if adapt_mask[i]:
-        pn, un = np.linalg.norm(x[i].ravel()), np.linalg.norm(u.ravel())
-        ratio = pn / un if pn > 0 and un > 0 else 1.0
-      new_x.append(x[i] - lr * ratio * u)
-    x = new_x
-  return x
+  """The parameters after ``reference.lamb`` (float64 Algorithm 2) has run
+  over ``grads_seq``, as a list of leaves."""
+  steps = reference.lamb(
+      leaves64(params), [leaves64(g) for g in grads_seq],
+      learning_rate=learning_rate, weight_decay=weight_decay, b1=b1, b2=b2,
+      eps=eps, weight_decay_mask=decay_mask, trust_ratio_mask=adapt_mask)
+  return steps[-1].params
 
 
 def np_lars(params, grads_seq, *, learning_rate, momentum=0.9,
             weight_decay=0.0):
-  """LARS (Algorithm 1 of You et al., trust coefficient 1) in float64."""
-  x = leaves64(params)
-  m = [np.zeros_like(a) for a in x]
-  for step, grads in enumerate(grads_seq):
-    lr = float(_value_at(learning_rate, step))
-    wd = float(_value_at(weight_decay, step))
-    new_x = []
-    for i, g in enumerate(leaves64(grads)):
-      m[i] = momentum * m[i] + (1 - momentum) * (g + wd * x[i])
-      pn, mn = np.linalg.norm(x[i].ravel()), np.linalg.norm(m[i].ravel())
-      ratio = pn / mn if pn > 0 and mn > 0 else 1.0
-      new_x.append(x[i] - lr * ratio * m[i])
-    x = new_x
-  return x
+  """The parameters after ``reference.lars`` (float64 Algorithm 1, trust
+  coefficient 1) has run over ``grads_seq``, as a list of leaves."""
+  steps = reference.lars(
+      leaves64(params), [leaves64(g) for g in grads_seq],
+      learning_rate=learning_rate, momentum=momentum,
+      weight_decay=weight_decay)
+  return steps[-1].params
 
 
 def run(tx, params, grads_seq, update=None):
@@ -179,12 +147,12 @@ def test_jit_traces_once_and_state_is_stable(name, dtype):
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  params = make_params(dtype)
+  params = composition_params(dtype)
   state = tx.init(params)
   params_spec = shapes_and_dtypes(params)
   state_spec = shapes_and_dtypes(state)
   for i in range(3):
-    params, state = step(params, state, make_grads(i, dtype))
+    params, state = step(params, state, composition_grads(i, dtype))
     assert shapes_and_dtypes(params) == params_spec
     assert shapes_and_dtypes(state) == state_spec
   assert len(traces) == 1
@@ -192,7 +160,7 @@ def test_jit_traces_once_and_state_is_stable(name, dtype):
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(params))
   # The optimizer really moved the parameters.
   assert any(not np.array_equal(a, b) for a, b in
-             zip(leaves64(params), leaves64(make_params(dtype))))
+             zip(leaves64(params), leaves64(composition_params(dtype))))
 
 
 @pytest.mark.filterwarnings("error:Some donated buffers were not usable")
@@ -206,14 +174,14 @@ def test_donated_buffers_are_reused_and_results_unchanged(name):
 
   donated = jax.jit(step, donate_argnums=(0, 1))
   plain = jax.jit(step)
-  params_d = params_p = make_params()
+  params_d = params_p = composition_params()
   state_d = state_p = tx.init(params_d)
   params_p = jax.tree.map(jnp.copy, params_p)
   state_p = jax.tree.map(jnp.copy, state_p)
   for i in range(3):
     old_params_d = params_d
-    params_d, state_d = donated(params_d, state_d, make_grads(i))
-    params_p, state_p = plain(params_p, state_p, make_grads(i))
+    params_d, state_d = donated(params_d, state_d, composition_grads(i))
+    params_p, state_p = plain(params_p, state_p, composition_grads(i))
     assert all(x.is_deleted() for x in jax.tree.leaves(old_params_d))
   assert_trees_close(params_d, params_p, rtol=0, atol=0)
   assert_trees_close(state_d, state_p, rtol=0, atol=0)
@@ -223,12 +191,12 @@ def test_lars_state_dtype_stable_with_float32_momentum_and_bf16_params():
   # The momentum buffer is stored in the params' dtype at init; it must come
   # back in that dtype after an update whatever the hyperparameters' dtype
   # (a float32 array here, as optax.inject_hyperparams passes them).
-  params = make_params(jnp.bfloat16)
+  params = composition_params(jnp.bfloat16)
   for kwargs in (dict(momentum=jnp.float32(0.9)),
                  dict(weight_decay=jnp.float32(1e-4))):
     tx = lamb_optax.lars(1e-2, **kwargs)
     state = tx.init(params)
-    _, new_state = tx.update(make_grads(0, jnp.bfloat16), state, params)
+    _, new_state = tx.update(composition_grads(0, jnp.bfloat16), state, params)
     assert shapes_and_dtypes(new_state) == shapes_and_dtypes(state), kwargs
 
 
@@ -253,16 +221,16 @@ def count_scaled_plus_offset():
 
 
 def test_lamb_after_custom_transform_equals_lamb_on_transformed_grads():
-  grads_seq = [make_grads(i) for i in range(3)]
+  grads_seq = [composition_grads(i) for i in range(3)]
   chained = optax.chain(count_scaled_plus_offset(),
                         lamb_optax.lamb(1e-2, weight_decay=0.01))
-  got, _ = run(chained, make_params(), grads_seq)
+  got, _ = run(chained, composition_params(), grads_seq)
   transformed = [jax.tree.map(lambda g, t=t: (t + 1.0) * g + 0.01, grads)
                  for t, grads in enumerate(grads_seq)]
-  want, _ = run(lamb_optax.lamb(1e-2, weight_decay=0.01), make_params(),
+  want, _ = run(lamb_optax.lamb(1e-2, weight_decay=0.01), composition_params(),
                 transformed)
   assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
-  np_want = np_lamb(make_params(), transformed, learning_rate=1e-2,
+  np_want = np_lamb(composition_params(), transformed, learning_rate=1e-2,
                     weight_decay=0.01)
   for a, e in zip(leaves64(got), np_want):
     np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-6)
@@ -307,19 +275,19 @@ def test_hand_composition_equals_lamb(config):
   ]
   by_hand = optax.chain(*parts)
   lamb = lamb_optax.lamb(lr, **HAND_CONFIGS[config])
-  grads_seq = [make_grads(i) for i in range(3)]
-  params_hand, state_hand = run(by_hand, make_params(), grads_seq)
-  params_lamb, state_lamb = run(lamb, make_params(), grads_seq)
+  grads_seq = [composition_grads(i) for i in range(3)]
+  params_hand, state_hand = run(by_hand, composition_params(), grads_seq)
+  params_lamb, state_lamb = run(lamb, composition_params(), grads_seq)
   assert_trees_close(params_lamb, params_hand, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_equal_structs(state_lamb, state_hand)
   assert_trees_close(state_lamb, state_hand, rtol=1e-5, atol=1e-6)
 
 
 def test_lamb_defaults_match_optax_lamb():
-  grads_seq = [make_grads(i) for i in range(3)]
-  ours, _ = run(lamb_optax.lamb(1e-2, weight_decay=0.01), make_params(),
+  grads_seq = [composition_grads(i) for i in range(3)]
+  ours, _ = run(lamb_optax.lamb(1e-2, weight_decay=0.01), composition_params(),
                 grads_seq)
-  theirs, _ = run(optax.lamb(1e-2, weight_decay=0.01), make_params(),
+  theirs, _ = run(optax.lamb(1e-2, weight_decay=0.01), composition_params(),
                   grads_seq)
   assert_trees_close(ours, theirs, rtol=1e-5, atol=1e-6)
 
@@ -334,9 +302,9 @@ def test_lars_equals_its_optax_composition():
   )
   lars = lamb_optax.lars(lr, momentum=momentum, weight_decay=wd,
                          trust_coefficient=coeff, eps=eps)
-  grads_seq = [make_grads(i) for i in range(4)]
-  assert_trees_close(run(lars, make_params(), grads_seq)[0],
-                     run(by_hand, make_params(), grads_seq)[0],
+  grads_seq = [composition_grads(i) for i in range(4)]
+  assert_trees_close(run(lars, composition_params(), grads_seq)[0],
+                     run(by_hand, composition_params(), grads_seq)[0],
                      rtol=1e-6, atol=1e-7)
 
 
@@ -345,11 +313,11 @@ def test_named_chain_clip_then_lamb_equals_lamb_with_max_grad_norm():
       ("clip", optax.clip_by_global_norm(0.3)),
       ("lamb", lamb_optax.lamb(1e-2, weight_decay=0.01)),
   )
-  grads_seq = [make_grads(i) for i in range(3)]
-  got, state = run(named, make_params(), grads_seq)
+  grads_seq = [composition_grads(i) for i in range(3)]
+  got, state = run(named, composition_params(), grads_seq)
   want, want_state = run(
       lamb_optax.lamb(1e-2, weight_decay=0.01, max_grad_norm=0.3),
-      make_params(), grads_seq)
+      composition_params(), grads_seq)
   assert_trees_close(got, want, rtol=1e-5, atol=1e-6)
   assert set(state) == {"clip", "lamb"}
   assert int(state["lamb"][0].count) == 3
@@ -379,31 +347,31 @@ def test_inject_hyperparams_lamb_runtime_change(change):
   tx = optax.inject_hyperparams(lamb_optax.lamb)(learning_rate=lr0,
                                                  weight_decay=wd0)
   update = jax.jit(tx.update)
-  params, state = make_params(), tx.init(make_params())
+  params, state = composition_params(), tx.init(composition_params())
   for i in range(2):
-    updates, state = update(make_grads(i), state, params)
+    updates, state = update(composition_grads(i), state, params)
     params = optax.apply_updates(params, updates)
   inner_before = state.inner_state
   state = _set_hyperparams(state, **new)
-  updates, state = update(make_grads(2), state, params)
+  updates, state = update(composition_grads(2), state, params)
   assert update._cache_size() == 1
 
   # Same step as a fresh lamb built with the new values, from the same state.
   fresh = lamb_optax.lamb(lr_after, weight_decay=wd_after)
-  want_updates, want_state = fresh.update(make_grads(2), inner_before, params)
+  want_updates, want_state = fresh.update(composition_grads(2), inner_before, params)
   assert_trees_close(updates, want_updates, rtol=1e-4, atol=1e-7)
   assert_trees_close(state.inner_state, want_state, rtol=1e-4, atol=1e-7)
 
   # And the float64 statement of the algorithm with piecewise values.
   want64 = np_lamb(
-      make_params(), [make_grads(i) for i in range(3)],
+      composition_params(), [composition_grads(i) for i in range(3)],
       learning_rate=lambda t: lr0 if t < 2 else lr_after,
       weight_decay=lambda t: wd0 if t < 2 else wd_after)
   got = optax.apply_updates(params, updates)
   for a, e in zip(leaves64(got), want64):
     np.testing.assert_allclose(a, e, rtol=2e-5, atol=2e-6)
   # The change matters: the unchanged optimizer would land elsewhere.
-  unchanged64 = np_lamb(make_params(), [make_grads(i) for i in range(3)],
+  unchanged64 = np_lamb(composition_params(), [composition_grads(i) for i in range(3)],
                         learning_rate=lr0, weight_decay=wd0)
   assert max(np.max(np.abs(a - b)) for a, b in zip(want64, unchanged64)) > 1e-4
 
@@ -418,20 +386,20 @@ def test_inject_hyperparams_lars_runtime_change(change):
   tx = optax.inject_hyperparams(lamb_optax.lars)(learning_rate=lr0,
                                                  weight_decay=wd0)
   update = jax.jit(tx.update)
-  params, state = make_params(), tx.init(make_params())
+  params, state = composition_params(), tx.init(composition_params())
   for i in range(2):
-    updates, state = update(make_grads(i), state, params)
+    updates, state = update(composition_grads(i), state, params)
     params = optax.apply_updates(params, updates)
   inner_before = state.inner_state
   state = _set_hyperparams(state, **new)
-  updates, state = update(make_grads(2), state, params)
+  updates, state = update(composition_grads(2), state, params)
   assert update._cache_size() == 1
   fresh = lamb_optax.lars(lr_after, weight_decay=wd_after)
-  want_updates, want_state = fresh.update(make_grads(2), inner_before, params)
+  want_updates, want_state = fresh.update(composition_grads(2), inner_before, params)
   assert_trees_close(updates, want_updates, rtol=1e-5, atol=1e-8)
   assert_trees_close(state.inner_state, want_state, rtol=1e-5, atol=1e-8)
   want64 = np_lars(
-      make_params(), [make_grads(i) for i in range(3)],
+      composition_params(), [composition_grads(i) for i in range(3)],
       learning_rate=lambda t: lr0 if t < 2 else lr_after,
       weight_decay=lambda t: wd0 if t < 2 else wd_after)
   for a, e in zip(leaves64(optax.apply_updates(params, updates)), want64):
@@ -445,7 +413,7 @@ def test_inject_hyperparams_bf16_params_default_dtype_rejects_rounded_b2():
   assert float(jnp.asarray(0.999, jnp.bfloat16)) == 1.0
   tx = optax.inject_hyperparams(lamb_optax.lamb)(learning_rate=1e-2)
   with pytest.raises(ValueError, match=r"\bb2\b"):
-    tx.init(make_params(jnp.bfloat16))
+    tx.init(composition_params(jnp.bfloat16))
 
 
 # --------------------------------------------------------------------------
@@ -457,10 +425,10 @@ def test_learning_rate_and_weight_decay_schedules_match_float64_reference():
   lr_schedule = optax.piecewise_constant_schedule(2e-2, {2: 0.25, 4: 0.1})
   wd_schedule = optax.linear_schedule(0.2, 0.0, transition_steps=5)
   tx = lamb_optax.lamb(lr_schedule, weight_decay=wd_schedule)
-  grads_seq = [make_grads(i) for i in range(6)]
-  got, _ = run(tx, make_params(), grads_seq, update=jax.jit(tx.update))
+  grads_seq = [composition_grads(i) for i in range(6)]
+  got, _ = run(tx, composition_params(), grads_seq, update=jax.jit(tx.update))
   # optax schedules are evaluated at the 0-based step count.
-  want = np_lamb(make_params(), grads_seq,
+  want = np_lamb(composition_params(), grads_seq,
                  learning_rate=lambda t: float(lr_schedule(t)),
                  weight_decay=lambda t: float(wd_schedule(t)))
   for a, e in zip(leaves64(got), want):
@@ -468,8 +436,8 @@ def test_learning_rate_and_weight_decay_schedules_match_float64_reference():
   # A schedule that is constant equals the scalar.
   const, _ = run(lamb_optax.lamb(optax.constant_schedule(2e-2),
                                  weight_decay=optax.constant_schedule(0.2)),
-                 make_params(), grads_seq)
-  scalar, _ = run(lamb_optax.lamb(2e-2, weight_decay=0.2), make_params(),
+                 composition_params(), grads_seq)
+  scalar, _ = run(lamb_optax.lamb(2e-2, weight_decay=0.2), composition_params(),
                   grads_seq)
   assert_trees_close(const, scalar, rtol=1e-6, atol=1e-7)
 
@@ -479,9 +447,9 @@ def test_lars_schedules_match_float64_reference():
                                         decay_rate=0.5)
   wd_schedule = optax.linear_schedule(0.0, 0.1, transition_steps=4)
   tx = lamb_optax.lars(lr_schedule, weight_decay=wd_schedule)
-  grads_seq = [make_grads(i) for i in range(5)]
-  got, _ = run(tx, make_params(), grads_seq)
-  want = np_lars(make_params(), grads_seq,
+  grads_seq = [composition_grads(i) for i in range(5)]
+  got, _ = run(tx, composition_params(), grads_seq)
+  want = np_lars(composition_params(), grads_seq,
                  learning_rate=lambda t: float(lr_schedule(t)),
                  weight_decay=lambda t: float(wd_schedule(t)))
   for a, e in zip(leaves64(got), want):
@@ -496,11 +464,11 @@ def test_lars_schedules_match_float64_reference():
 @pytest.mark.parametrize("k", [3])
 def test_multisteps_equals_lamb_on_averaged_gradients(k):
   n_outer = 2
-  micro = [make_grads(i) for i in range(k * n_outer)]
+  micro = [composition_grads(i) for i in range(k * n_outer)]
   multi = optax.MultiSteps(lamb_optax.lamb(1e-2, weight_decay=0.01),
                            every_k_schedule=k)
   update = jax.jit(multi.update)
-  params, state = make_params(), multi.init(make_params())
+  params, state = composition_params(), multi.init(composition_params())
   for i, grads in enumerate(micro):
     updates, state = update(grads, state, params)
     if (i + 1) % k:
@@ -511,11 +479,11 @@ def test_multisteps_equals_lamb_on_averaged_gradients(k):
   averaged = [jax.tree.map(lambda *gs: sum(gs) / k, *micro[j * k:(j + 1) * k])
               for j in range(n_outer)]
   want, want_state = run(lamb_optax.lamb(1e-2, weight_decay=0.01),
-                         make_params(), averaged)
+                         composition_params(), averaged)
   assert_trees_close(params, want, rtol=1e-5, atol=1e-6)
   assert int(state.gradient_step) == n_outer
   assert_trees_close(state.inner_opt_state, want_state, rtol=1e-5, atol=1e-6)
-  want64 = np_lamb(make_params(), averaged, learning_rate=1e-2,
+  want64 = np_lamb(composition_params(), averaged, learning_rate=1e-2,
                    weight_decay=0.01)
   for a, e in zip(leaves64(params), want64):
     np.testing.assert_allclose(a, e, rtol=3e-5, atol=3e-6)
@@ -528,13 +496,13 @@ def test_apply_if_finite_skips_non_finite_step_and_then_proceeds(name, bad):
            "lars": lambda: lamb_optax.lars(1e-2, weight_decay=1e-3)}[name]
   tx = optax.apply_if_finite(inner(), max_consecutive_errors=3)
   update = jax.jit(tx.update)
-  params, state = make_params(), tx.init(make_params())
+  params, state = composition_params(), tx.init(composition_params())
   for i in range(2):
-    updates, state = update(make_grads(i), state, params)
+    updates, state = update(composition_grads(i), state, params)
     params = optax.apply_updates(params, updates)
   params_before, state_before = params, state
 
-  bad_grads = make_grads(2)
+  bad_grads = composition_grads(2)
   bad_grads["block"]["kernel"] = bad_grads["block"]["kernel"].at[1, 2, 0].set(
       bad)
   updates, state = update(bad_grads, state, params)
@@ -544,9 +512,9 @@ def test_apply_if_finite_skips_non_finite_step_and_then_proceeds(name, bad):
   assert int(state.notfinite_count) == 1
   assert not bool(state.last_finite)
 
-  updates, state = update(make_grads(3), state, params)
+  updates, state = update(composition_grads(3), state, params)
   want_updates, want_inner = inner().update(
-      make_grads(3), state_before.inner_state, params_before)
+      composition_grads(3), state_before.inner_state, params_before)
   assert_trees_close(updates, want_updates, rtol=1e-4, atol=1e-7)
   assert_trees_close(state.inner_state, want_inner, rtol=1e-4, atol=1e-7)
   assert int(state.notfinite_count) == 0

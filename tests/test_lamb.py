@@ -1,6 +1,6 @@
 """lamb_optax.lamb against the float64 statement of Algorithm 2 (reference.py).
 
-Every option is run for 12 steps on the awkward fixture tree (conftest.py) and
+Every option is run for 12 steps on the awkward fixture tree (helpers.py) and
 compared step by step: the parameters after each step and the trust ratios
 read back with ``lamb_optax.trust_ratios``. Each case also checks, on the
 reference alone, that the option changes the trajectory (or that bounds and
@@ -8,6 +8,8 @@ clipping actually bind), so that an implementation ignoring it would fail.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ import pytest
 
 import lamb_optax
 import reference
-from conftest import (ZERO_LAYER, assert_trajectory_close, flat_mask,
+from helpers import (ZERO_LAYER, assert_trajectory_close, flat_mask,
                       make_grads, make_params, no_bias_or_norm, run_optimizer,
                       to_numpy64, trajectory_distance)
 
@@ -345,3 +347,260 @@ def test_jit_and_eager_agree(params, grads_seq):
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
       np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5,
                                  atol=1e-7)
+
+
+# --------------------------------------------------------------------------
+# store_direction=True: the fast path keeps u in the state.
+# --------------------------------------------------------------------------
+
+
+def _stored(opt_state):
+  """The StoredDirectionState of a lamb(store_direction=True) state."""
+  found = [s for s in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, lamb_optax.StoredDirectionState))
+           if isinstance(s, lamb_optax.StoredDirectionState)]
+  assert len(found) == 1
+  return found[0].direction
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_store_direction_matches_reference(case, params, grads_seq, params64,
+                                           grads64):
+  kwargs, _ = CASES[case]
+  package_kwargs = dict(kwargs)
+  learning_rate = package_kwargs.pop("learning_rate", LR)
+  opt = lamb_optax.lamb(learning_rate, store_direction=True, **package_kwargs)
+  got_params, got_ratios, _ = run_optimizer(opt, params, grads_seq)
+  assert_trajectory_close(got_params, got_ratios,
+                          _run_reference(params, params64, grads64, kwargs))
+
+
+@pytest.mark.parametrize("case", ["defaults", "everything"])
+def test_store_direction_jit_matches_reference(case, params, grads_seq,
+                                               params64, grads64):
+  kwargs, _ = CASES[case]
+  package_kwargs = dict(kwargs)
+  learning_rate = package_kwargs.pop("learning_rate", LR)
+  opt = lamb_optax.lamb(learning_rate, store_direction=True, **package_kwargs)
+  got_params, got_ratios, _ = run_optimizer(opt, params, grads_seq, jit=True)
+  assert_trajectory_close(got_params, got_ratios,
+                          _run_reference(params, params64, grads64, kwargs))
+
+
+def test_store_direction_state_is_the_chain_state_plus_u(params, grads_seq):
+  """The chain's state with one StoredDirectionState inserted before the
+  trust ratio's, holding the u of the last step."""
+  kwargs = dict(CASES["everything"][0])
+  learning_rate = kwargs.pop("learning_rate")
+  stored = lamb_optax.lamb(learning_rate, store_direction=True, **kwargs)
+  plain = lamb_optax.lamb(learning_rate, **kwargs)
+  _, _, stored_states = run_optimizer(stored, params, grads_seq[:3])
+  _, _, plain_states = run_optimizer(plain, params, grads_seq[:3])
+  for a, b in zip(stored_states, plain_states):
+    assert isinstance(a[3], lamb_optax.StoredDirectionState)
+    without = a[:3] + a[4:]
+    assert jax.tree.structure(without) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(without), jax.tree.leaves(b)):
+      assert x.dtype == y.dtype and x.shape == y.shape
+      np.testing.assert_allclose(np.asarray(x, np.float64),
+                                 np.asarray(y, np.float64), rtol=2e-5,
+                                 atol=1e-12)
+    assert (jax.tree.map(lambda x: (x.shape, x.dtype), a[3].direction)
+            == jax.tree.map(lambda x: (x.shape, x.dtype), params))
+
+
+def _jitted_step_temp_bytes(opt, params):
+  state = opt.init(params)
+
+  def step(p, s, g):
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  # Donated, as in a training loop: outputs reuse the input buffers, so
+  # whatever else XLA must store is a temporary.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # donated grads have no output to reuse
+    compiled = jax.jit(step, donate_argnums=(0, 1, 2)).lower(
+        params, state, params).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_store_direction_allocates_no_parameter_sized_temporary():
+  params = {"kernel": jnp.ones((512, 256)), "other": jnp.ones((256, 512)),
+            "bias": jnp.ones((512,))}
+  param_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  stored = _jitted_step_temp_bytes(
+      lamb_optax.lamb(1e-3, weight_decay=0.01, store_direction=True), params)
+  chain = _jitted_step_temp_bytes(lamb_optax.lamb(1e-3, weight_decay=0.01),
+                                  params)
+  # The chain stores u for its two readers (the norm and the step).
+  assert chain >= 512 * 256 * 4
+  assert stored < 0.02 * param_bytes
+
+
+# Float32 rounds each norm and product to 2**-24 relative: the invariants
+# below hold to a few of those, where fused=True (recomputing u) was 7.8e-5
+# off under cancellation.
+F32_ROUNDING = 2.0 ** -24
+
+
+@pytest.mark.parametrize("store_direction", [False, True],
+                         ids=["default", "store_direction"])
+@pytest.mark.parametrize("shape", [(4,), (64, 64), (300, 257)])
+def test_step_norm_is_lr_ratio_u_norm_under_total_cancellation(
+    shape, store_direction):
+  """x = -sign(g) / wd: the decay cancels the first Adam direction
+  sign(g) * |g| / (|g| + eps), so u is eps/|g| and rounding. Still
+  ||step|| = lr * r * ||u|| = lr * ||x|| to float32 rounding of the norms."""
+  rng = np.random.default_rng(sum(shape))
+  g = (rng.standard_normal(shape)
+       * 10.0 ** rng.uniform(0, 3, shape)).astype(np.float32)
+  lr, wd = 0.5, 0.1
+  x = (-np.sign(g) / wd).astype(np.float32)
+  params = {"w": jnp.asarray(x)}
+  opt = lamb_optax.lamb(lr, weight_decay=wd, store_direction=store_direction)
+  updates, state = jax.jit(opt.update)({"w": jnp.asarray(g)},
+                                       opt.init(params), params)
+  step = np.asarray(updates["w"], np.float64)
+  ratio = float(lamb_optax.trust_ratios(state)["w"])
+  x_norm = np.linalg.norm(x.astype(np.float64))
+  assert np.linalg.norm(step) == pytest.approx(lr * x_norm,
+                                               rel=4 * F32_ROUNDING)
+  if store_direction:
+    u = np.asarray(_stored(state)["w"])
+    # The step reads the one stored u: exactly -lr * (r * u) in float32.
+    np.testing.assert_array_equal(
+        np.asarray(updates["w"]),
+        np.float32(-lr) * (np.float32(ratio) * u))
+    u_norm = np.linalg.norm(u.astype(np.float64))
+    assert u_norm < 1e-4 * x_norm * wd  # the cancellation did happen
+    assert np.linalg.norm(step) == pytest.approx(lr * ratio * u_norm,
+                                                 rel=2 * F32_ROUNDING)
+
+
+def test_store_direction_bf16_keeps_dtypes():
+  params = {"w": jnp.ones((8, 4), jnp.bfloat16), "b": jnp.zeros(4, jnp.bfloat16)}
+  opt = lamb_optax.lamb(1e-2, weight_decay=0.1, max_grad_norm=1.0,
+                        store_direction=True)
+  state = opt.init(params)
+  grads = jax.tree.map(lambda x: jnp.full(x.shape, 0.3, x.dtype), params)
+  updates, new_state = jax.jit(opt.update)(grads, state, params)
+  assert all(u.dtype == jnp.bfloat16 for u in jax.tree.leaves(updates))
+  assert (jax.tree.map(lambda x: x.dtype, new_state)
+          == jax.tree.map(lambda x: x.dtype, state))
+  ratios = lamb_optax.trust_ratios(new_state)
+  assert all(r.dtype == jnp.float32 and r.shape == () for r in
+             jax.tree.leaves(ratios))
+
+
+def _small_tree():
+  k = jax.random.split(jax.random.PRNGKey(3), 3)
+  return {"w": jax.random.normal(k[0], (6, 5)),
+          "b": jax.random.normal(k[1], (5,)) * 0.1,
+          "s": jnp.float32(0.5)}
+
+
+def _small_grads(i):
+  return jax.tree.map(lambda x: jnp.sin(x * (i + 2)) * 10.0 ** (i % 3 - 1),
+                      _small_tree())
+
+
+def test_store_direction_under_inject_hyperparams_matches_chain():
+  """Traced learning rate and weight decay, changed at run time."""
+  kw = dict(learning_rate=1e-2, weight_decay=0.05)
+  stored = optax.inject_hyperparams(lamb_optax.lamb)(store_direction=True,
+                                                     **kw)
+  plain = optax.inject_hyperparams(lamb_optax.lamb)(**kw)
+  params = _small_tree()
+  sf, sp = stored.init(params), plain.init(params)
+  for i in range(4):
+    if i == 2:
+      for s in (sf, sp):
+        s.hyperparams["learning_rate"] = jnp.asarray(3e-3)
+        s.hyperparams["weight_decay"] = jnp.asarray(0.2)
+    uf, sf = jax.jit(stored.update)(_small_grads(i), sf, params)
+    up, sp = jax.jit(plain.update)(_small_grads(i), sp, params)
+    for a, b in zip(jax.tree.leaves(uf), jax.tree.leaves(up)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+    params = optax.apply_updates(params, uf)
+
+
+def test_store_direction_under_apply_if_finite_skips_nan_steps():
+  opt = optax.apply_if_finite(lamb_optax.lamb(1e-2, weight_decay=0.1,
+                                              store_direction=True), 3)
+  params = _small_tree()
+  state = opt.init(params)
+  update = jax.jit(opt.update)
+  updates, state = update(_small_grads(0), state, params)
+  params = optax.apply_updates(params, updates)
+  bad = jax.tree.map(lambda g: g.at[...].set(jnp.nan) if g.ndim == 0
+                     else g.at[0].set(jnp.nan), _small_grads(1))
+  skipped_updates, skipped_state = update(bad, state, params)
+  assert all(np.all(np.asarray(u) == 0) for u in
+             jax.tree.leaves(skipped_updates))
+  for a, b in zip(jax.tree.leaves(skipped_state.inner_state),
+                  jax.tree.leaves(state.inner_state)):
+    np.testing.assert_array_equal(a, b)
+  assert int(skipped_state.notfinite_count) == 1
+
+
+def test_store_direction_under_multisteps_equals_one_step_on_mean_gradient():
+  k = 3
+  params = _small_tree()
+  inner = lamb_optax.lamb(1e-2, weight_decay=0.1, store_direction=True)
+  multi = optax.MultiSteps(inner, every_k_schedule=k)
+  ms = multi.init(params)
+  for i in range(k):
+    updates, ms = jax.jit(multi.update)(_small_grads(i), ms, params)
+  mean = jax.tree.map(lambda *g: sum(g) / k,
+                      *[_small_grads(i) for i in range(k)])
+  want, _ = inner.update(mean, inner.init(params), params)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9)
+  assert any(float(jnp.max(jnp.abs(u))) > 0 for u in jax.tree.leaves(updates))
+
+
+def test_store_direction_errors_name_the_argument():
+  params = {"w": jnp.ones((3, 3)), "b": jnp.ones(3)}
+  opt = lamb_optax.lamb(1e-2, store_direction=True,
+                        trust_ratio_mask={"w": True})
+  with pytest.raises(ValueError, match="trust_ratio_mask"):
+    opt.init(params)
+  opt = lamb_optax.lamb(1e-2, store_direction=True)
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="params"):
+    opt.update(params, state, None)
+  with pytest.raises(TypeError, match="updates"):
+    opt.update({"w": jnp.ones((3, 3), jnp.int32), "b": jnp.ones(3)}, state,
+               params)
+  with pytest.raises(TypeError, match="store_direction"):
+    lamb_optax.lamb(1e-3, store_direction="yes")
+
+
+def test_fused_is_a_deprecated_alias_of_store_direction():
+  with pytest.warns(DeprecationWarning, match="store_direction"):
+    fused = lamb_optax.lamb(1e-3, fused=True)
+  params = {"w": jnp.ones((3, 3))}
+  assert (jax.tree.structure(fused.init(params)) == jax.tree.structure(
+      lamb_optax.lamb(1e-3, store_direction=True).init(params)))
+  with pytest.raises(TypeError, match="fused"):
+    lamb_optax.lamb(1e-3, fused="yes")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
+@pytest.mark.parametrize("store_direction", [False, True])
+def test_state_layout_does_not_depend_on_the_backend(monkeypatch, backend,
+                                                     store_direction):
+  """A checkpoint written on one backend restores on another: the state's
+  structure, shapes and dtypes depend on the arguments only."""
+  params = {"w": jnp.ones((3, 4)), "b": jnp.ones(4)}
+
+  def layout():
+    opt = lamb_optax.lamb(1e-3, weight_decay=0.01,
+                          store_direction=store_direction)
+    state = jax.eval_shape(opt.init, params)
+    return jax.tree.structure(state), jax.tree.leaves(state)
+
+  want = layout()
+  monkeypatch.setattr(jax, "default_backend", lambda: backend)
+  assert layout() == want

@@ -10,7 +10,7 @@ import pytest
 
 import lamb_optax
 import reference
-from conftest import (ZERO_LAYER, assert_trajectory_close, flat_mask,
+from helpers import (ZERO_LAYER, assert_trajectory_close, flat_mask,
                       make_grads, make_params, no_bias_or_norm, run_optimizer,
                       to_numpy64, trajectory_distance)
 

@@ -21,9 +21,8 @@ from jax.sharding import PartitionSpec as P
 
 import lamb_optax
 from lamb_optax import masks
-from lamb_optax._src import lamb as lamb_module
 import reference
-from conftest import assert_trajectory_close, flat_mask, run_optimizer
+from helpers import assert_trajectory_close, flat_mask, run_optimizer
 
 NUM_STEPS = 10
 LR = 0.05
@@ -72,7 +71,7 @@ def _slice_scale(shape, axes, scales):
   return np.expand_dims(scales, [i for i in range(len(shape)) if i not in axes])
 
 
-def make_params():
+def stacked_params():
   rng = np.random.default_rng(0)
   flat = {}
   for path, (shape, axes, scales, _) in STACKED.items():
@@ -85,7 +84,7 @@ def make_params():
   return _nest(flat)
 
 
-def make_grads(num_steps=NUM_STEPS):
+def stacked_grads(num_steps=NUM_STEPS):
   rng = np.random.default_rng(1)
   shapes = {p: v[0] for p, v in {**STACKED, **PLAIN}.items()}
   offsets = {p: rng.standard_normal(s) for p, s in shapes.items()}
@@ -121,12 +120,12 @@ def layer_axes_fn(params):
 
 @pytest.fixture(scope="module")
 def params():
-  return make_params()
+  return stacked_params()
 
 
 @pytest.fixture(scope="module")
 def grads_seq():
-  return make_grads()
+  return stacked_grads()
 
 
 def per_leaf_axes(layer_axes, params):
@@ -232,22 +231,20 @@ def check_bounds_bind_per_slice(what, ref_steps, params, axes_per_leaf):
 
 
 # Every case in both modes with the full tree; the other forms on one case.
-LAMB_RUNS = ([(mode, case, "tree") for mode in ("chain", "fused_big_leaf_path")
+LAMB_RUNS = ([(mode, case, "tree") for mode in ("chain", "store_direction")
               for case in LAMB_CASES]
              + [("chain", "weight_decay_and_masks", "prefix"),
-                ("fused_big_leaf_path", "trust_ratio_bounds", "callable")])
+                ("store_direction", "trust_ratio_bounds", "callable")])
 
 
 @pytest.mark.parametrize("mode,case,form", LAMB_RUNS,
                          ids=["-".join(r) for r in LAMB_RUNS])
-def test_lamb_matches_per_slice_reference(mode, case, form, params, grads_seq,
-                                          monkeypatch):
+def test_lamb_matches_per_slice_reference(mode, case, form, params,
+                                          grads_seq):
   kwargs, what = LAMB_CASES[case]
   layer_axes = LAYER_AXES_FORMS[form]
-  if mode == "fused_big_leaf_path":
-    monkeypatch.setattr(lamb_module, "FUSED_MIN_SIZE", 0)
-  opt = lamb_optax.lamb(LR, layer_axes=layer_axes, fused=mode != "chain",
-                        **kwargs)
+  opt = lamb_optax.lamb(LR, layer_axes=layer_axes,
+                        store_direction=mode != "chain", **kwargs)
   got_params, got_ratios, _ = run_optimizer(opt, params, grads_seq)
   axes_per_leaf = per_leaf_axes(LAYER_AXES, params)
   assert axes_per_leaf == per_leaf_axes(layer_axes, params)
@@ -285,14 +282,12 @@ def test_lars_param_norm_bounds_per_slice(params, grads_seq):
   compare(got_params, got_ratios, ref_steps, axes_per_leaf)
 
 
-@pytest.mark.parametrize("opt_name", ["lamb", "fused", "lars"])
+@pytest.mark.parametrize("opt_name", ["lamb", "store_direction", "lars"])
 def test_without_layer_axes_fails_the_per_slice_reference(opt_name, params,
-                                                          grads_seq,
-                                                          monkeypatch):
+                                                          grads_seq):
   """The comparison can fail: one ratio per stacked leaf is far off."""
-  monkeypatch.setattr(lamb_module, "FUSED_MIN_SIZE", 0)
   make = {"lamb": lamb_optax.lamb, "lars": lamb_optax.lars,
-          "fused": lambda lr: lamb_optax.lamb(lr, fused=True)}[opt_name]
+          "store_direction": lambda lr: lamb_optax.lamb(lr, store_direction=True)}[opt_name]
   got_params, got_ratios, _ = run_optimizer(make(LR), params, grads_seq)
   axes_per_leaf = per_leaf_axes(LAYER_AXES, params)
   algorithm = reference.lars if opt_name == "lars" else reference.lamb
@@ -430,11 +425,11 @@ def test_one_spec_for_every_leaf(layer_axes, shape):
 # State.
 
 
-@pytest.mark.parametrize("opt_name", ["lamb", "fused", "lars", "trust_ratio"])
+@pytest.mark.parametrize("opt_name", ["lamb", "store_direction", "lars", "trust_ratio"])
 def test_state_ratio_shapes_and_init(opt_name, params, grads_seq):
   make = {
       "lamb": lambda **kw: lamb_optax.lamb(LR, **kw),
-      "fused": lambda **kw: lamb_optax.lamb(LR, fused=True, **kw),
+      "store_direction": lambda **kw: lamb_optax.lamb(LR, store_direction=True, **kw),
       "lars": lambda **kw: lamb_optax.lars(LR, **kw),
       "trust_ratio": lamb_optax.scale_by_trust_ratio,
   }[opt_name]
@@ -490,12 +485,12 @@ BAD_LAYER_AXES = {
 
 
 @pytest.mark.parametrize("case", list(BAD_LAYER_AXES))
-@pytest.mark.parametrize("opt_name", ["lamb", "fused", "lars", "trust_ratio"])
+@pytest.mark.parametrize("opt_name", ["lamb", "store_direction", "lars", "trust_ratio"])
 def test_bad_layer_axes_raise(opt_name, case, params, grads_seq):
   bad, error = BAD_LAYER_AXES[case]
   make = {
       "lamb": lambda **kw: lamb_optax.lamb(LR, **kw),
-      "fused": lambda **kw: lamb_optax.lamb(LR, fused=True, **kw),
+      "store_direction": lambda **kw: lamb_optax.lamb(LR, store_direction=True, **kw),
       "lars": lambda **kw: lamb_optax.lars(LR, **kw),
       "trust_ratio": lamb_optax.scale_by_trust_ratio,
   }[opt_name]
@@ -538,14 +533,12 @@ def _update_size(opt, params):
   return _count_eqns(jaxpr.jaxpr)
 
 
-@pytest.mark.parametrize("opt_name", ["lamb", "fused", "lars"])
-def test_traced_update_does_not_grow_with_number_of_layers(opt_name,
-                                                           monkeypatch):
-  monkeypatch.setattr(lamb_module, "FUSED_MIN_SIZE", 0)
+@pytest.mark.parametrize("opt_name", ["lamb", "store_direction", "lars"])
+def test_traced_update_does_not_grow_with_number_of_layers(opt_name):
   kwargs = {"param_norm_bounds": (0.1, 10.0),
             "trust_ratio_bounds": (0.0, 5.0), "weight_decay": 0.01}
   make = {"lamb": lambda **kw: lamb_optax.lamb(LR, **kw),
-          "fused": lambda **kw: lamb_optax.lamb(LR, fused=True, **kw),
+          "store_direction": lambda **kw: lamb_optax.lamb(LR, store_direction=True, **kw),
           "lars": lambda **kw: lamb_optax.lars(LR, **kw)}[opt_name]
 
   def stacked(num_layers):
@@ -752,3 +745,43 @@ def test_from_nnx_state(create):
   np.testing.assert_allclose(
       np.asarray(lamb_optax.trust_ratios(opt_state)["layers"]["linear"]
                  ["kernel"]), want_ratios, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# axis_names_from_specs: the mesh axes a layer's squared norm is summed over.
+# --------------------------------------------------------------------------
+
+
+def test_names_the_axes_that_split_each_leaf_and_nothing_else():
+  specs = {"fsdp_tp": P("data", "model"), "replicated": P(),
+           "tuple_entry": P(("data", "model"), None), "short": P(None, "model")}
+  assert lamb_optax.axis_names_from_specs(specs) == {
+      "fsdp_tp": ("data", "model"), "replicated": None,
+      "tuple_entry": ("data", "model"), "short": ("model",)}
+
+
+def test_axes_that_split_layers_are_left_out():
+  # Devices along "stage" hold different layers: their norms must not add.
+  specs = {"stack": P("stage", None, "model"), "head": P("stage")}
+  names = lamb_optax.axis_names_from_specs(
+      specs, layer_axes={"stack": 0, "head": None})
+  assert names == {"stack": ("model",), "head": ("stage",)}
+  # A layer axis past the spec's length is unsplit: nothing to leave out.
+  assert lamb_optax.axis_names_from_specs(
+      {"w": P("model")}, layer_axes=2) == {"w": ("model",)}
+
+
+def test_negative_layer_axes_are_refused_because_specs_omit_trailing_dims():
+  # P(None, "model") fits a (L, d, d) leaf: -1 would be read as dim 1.
+  with pytest.raises(ValueError, match="`layer_axes`.*non-negative"):
+    lamb_optax.axis_names_from_specs({"w": P(None, "model")}, layer_axes=-1)
+
+
+def test_bad_inputs_name_the_argument():
+  with pytest.raises(TypeError, match="`specs`.*PartitionSpec"):
+    lamb_optax.axis_names_from_specs({"w": ("data",)})
+  with pytest.raises(TypeError, match="`layer_axes`.*callable"):
+    lamb_optax.axis_names_from_specs({"w": P("data")}, layer_axes=lambda p: 0)
+  with pytest.raises(ValueError, match="`layer_axes` does not fit"):
+    lamb_optax.axis_names_from_specs({"w": P("data")},
+                                     layer_axes={"v": 0})

@@ -7,7 +7,7 @@
 * Updates come back in the gradient dtype; ``mu_dtype`` / ``nu_dtype`` keep
   the moments' dtypes across steps.
 * Under ``jax.jit`` five steps compile once, with the state's shapes and
-  dtypes identical at every step (chain, fused and LARS; with and without
+  dtypes identical at every step (chain, store_direction and LARS; with and without
   ``layer_axes``).
 """
 
@@ -23,14 +23,13 @@ import lamb_optax
 
 LR = 0.01
 NUM_LAYERS = 4
-# Each slice of "big" has 128 * 128 elements, the whole leaf 65536 (the fused
-# update's big-leaf path): enough that bf16 accumulation of its squared norm
+# Each slice of "big" has 128 * 128 elements, the whole leaf 65536: enough that bf16 accumulation of its squared norm
 # loses ~1e-3 and fp16 accumulation of it overflows.
 LAYER_AXES = {"b": None, "big": 0, "w": None}
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16}
 
 
-def make_params(dtype):
+def mixed_precision_params(dtype):
   rng = np.random.default_rng(0)
   scales = np.array([0.5, 1.0, 2.0, 4.0]).reshape(-1, 1, 1)
   big = scales * rng.uniform(0.5, 1.5, (NUM_LAYERS, 128, 128)) * rng.choice(
@@ -40,7 +39,7 @@ def make_params(dtype):
           "w": jnp.asarray(rng.standard_normal((64, 32)), dtype)}
 
 
-def make_grads(dtype, num_steps, seed=1):
+def mixed_precision_grads(dtype, num_steps, seed=1):
   rng = np.random.default_rng(seed)
   out = []
   for _ in range(num_steps):
@@ -74,7 +73,7 @@ def _axes(layer_axes, key):
 FIRST_STEP = {
     # eps = 0: the first Adam direction is sign(g), exactly representable.
     "lamb": (lambda **kw: lamb_optax.lamb(LR, eps=0.0, **kw), np.sign),
-    "fused": (lambda **kw: lamb_optax.lamb(LR, eps=0.0, fused=True, **kw),
+    "store_direction": (lambda **kw: lamb_optax.lamb(LR, eps=0.0, store_direction=True, **kw),
               np.sign),
     # momentum = 0: the first LARS direction is g itself.
     "lars": (lambda **kw: lamb_optax.lars(LR, momentum=0.0, **kw),
@@ -90,8 +89,8 @@ def test_ratios_are_float32_accurate_norms_of_low_precision_values(
     dtype_name, opt_name, layer_axes):
   dtype = DTYPES[dtype_name]
   make, direction = FIRST_STEP[opt_name]
-  params = make_params(dtype)
-  (grads,) = make_grads(dtype, 1)
+  params = mixed_precision_params(dtype)
+  (grads,) = mixed_precision_grads(dtype, 1)
   opt = make(layer_axes=layer_axes)
   updates, state = opt.update(grads, opt.init(params), params)
   ratios = lamb_optax.trust_ratios(state)
@@ -118,8 +117,8 @@ def test_ratios_are_float32_accurate_norms_of_low_precision_values(
 def test_scale_by_trust_ratio_norms_in_float32(dtype_name):
   """The transform alone, on arbitrary low-precision updates."""
   dtype = DTYPES[dtype_name]
-  params = make_params(dtype)
-  (updates,) = make_grads(dtype, 1, seed=5)
+  params = mixed_precision_params(dtype)
+  (updates,) = mixed_precision_grads(dtype, 1, seed=5)
   tx = lamb_optax.scale_by_trust_ratio(layer_axes=LAYER_AXES)
   scaled, state = tx.update(updates, tx.init(params), params)
   ratios = lamb_optax.trust_ratios(state)
@@ -144,19 +143,22 @@ def _adam_state(state):
   return adam_state
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["chain", "fused"])
+@pytest.mark.parametrize("store_direction", [False, True],
+                         ids=["chain", "store_direction"])
 @pytest.mark.parametrize("param_dtype,moment_dtype", [
     (jnp.float32, jnp.bfloat16), (jnp.bfloat16, jnp.float32),
     (jnp.float16, jnp.float32)], ids=["bf16_moments_on_f32",
                                       "f32_moments_on_bf16",
                                       "f32_moments_on_fp16"])
-def test_moment_dtypes_kept_across_steps(param_dtype, moment_dtype, fused):
-  params = make_params(param_dtype)
-  grads_seq = make_grads(param_dtype, 3)
+def test_moment_dtypes_kept_across_steps(param_dtype, moment_dtype,
+                                        store_direction):
+  params = mixed_precision_params(param_dtype)
+  grads_seq = mixed_precision_grads(param_dtype, 3)
   b1, b2 = 0.9, 0.999
   opt = lamb_optax.lamb(LR, b1=b1, b2=b2, weight_decay=0.01,
                         mu_dtype=moment_dtype, nu_dtype=moment_dtype,
-                        layer_axes=LAYER_AXES, fused=fused)
+                        layer_axes=LAYER_AXES,
+                        store_direction=store_direction)
   state = opt.init(params)
   prev_mu = {k: np.zeros(v.shape) for k, v in params.items()}
   prev_nu = {k: np.zeros(v.shape) for k, v in params.items()}
@@ -190,13 +192,13 @@ def test_moment_dtypes_kept_across_steps(param_dtype, moment_dtype, fused):
 CONFIGS = {
     "lamb": lambda **kw: lamb_optax.lamb(LR, weight_decay=0.01,
                                          max_grad_norm=50.0, **kw),
-    "fused": lambda **kw: lamb_optax.lamb(LR, weight_decay=0.01, fused=True,
+    "store_direction": lambda **kw: lamb_optax.lamb(LR, weight_decay=0.01, store_direction=True,
                                           max_grad_norm=50.0, **kw),
     "lamb_f32_moments": lambda **kw: lamb_optax.lamb(
         optax.linear_schedule(LR, LR / 10, 5), weight_decay=0.01,
         mu_dtype=jnp.float32, nu_dtype=jnp.float32, **kw),
-    "fused_bf16_mu": lambda **kw: lamb_optax.lamb(
-        LR, weight_decay=optax.linear_schedule(0.01, 0.0, 5), fused=True,
+    "store_direction_bf16_mu": lambda **kw: lamb_optax.lamb(
+        LR, weight_decay=optax.linear_schedule(0.01, 0.0, 5), store_direction=True,
         mu_dtype=jnp.bfloat16, **kw),
     "lars": lambda **kw: lamb_optax.lars(LR, weight_decay=0.01, **kw),
 }
@@ -209,22 +211,22 @@ def _signature(tree):
 
 
 @pytest.mark.parametrize("config,layer_axes", [
-    ("lamb", LAYER_AXES), ("lamb", None), ("fused", LAYER_AXES),
-    ("lamb_f32_moments", LAYER_AXES), ("fused_bf16_mu", None),
+    ("lamb", LAYER_AXES), ("lamb", None), ("store_direction", LAYER_AXES),
+    ("lamb_f32_moments", LAYER_AXES), ("store_direction_bf16_mu", None),
     ("lars", LAYER_AXES), ("lars", None)],
                          ids=["lamb-layer_axes", "lamb-per_leaf",
-                              "fused-layer_axes", "lamb_f32_moments-layer_axes",
-                              "fused_bf16_mu-per_leaf", "lars-layer_axes",
+                              "store_direction-layer_axes", "lamb_f32_moments-layer_axes",
+                              "store_direction_bf16_mu-per_leaf", "lars-layer_axes",
                               "lars-per_leaf"])
 def test_jit_compiles_once_over_five_steps(config, layer_axes):
   dtype = jnp.bfloat16
-  params = make_params(dtype)
+  params = mixed_precision_params(dtype)
   opt = CONFIGS[config](layer_axes=layer_axes)
   state = opt.init(params)
   signature = _signature(state)
   param_signature = _signature(params)
   update = jax.jit(opt.update)
-  for grads in make_grads(dtype, 5, seed=2):
+  for grads in mixed_precision_grads(dtype, 5, seed=2):
     updates, state = update(grads, state, params)
     params = optax.apply_updates(params, updates)
     assert _signature(state) == signature

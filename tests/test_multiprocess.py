@@ -3,7 +3,7 @@
 tests/multiprocess_worker.py runs in 2 processes with 2 local devices each:
 a (2, 2) ("data", "model") mesh whose "data" axis spans the processes, the
 params of distributed_scenarios sharded FSDP over "data" and tensor parallel
-over "model", 5 jitted steps of lamb, fused lamb and lars. Every step's
+over "model", 5 jitted steps of lamb, lamb(store_direction=True) and lars. Every step's
 gathered params and trust ratios must equal the single-process float32 run
 (computed here) within float32 tolerance (see test_sharding.py).
 """

@@ -1,7 +1,7 @@
 """lamb_optax.presets against float64 statements of the peers (peer_reference).
 
 Every preset and every switch is run for 12 steps on the awkward fixture tree
-(conftest.py) and compared step by step with the peer's algorithm: the
+(helpers.py) and compared step by step with the peer's algorithm: the
 parameters after each step and the trust ratios read back with
 ``lamb_optax.trust_ratios``. Each case with a ``base`` first checks, on the
 reference alone, that the switch changes the trajectory relative to ``base``
@@ -23,7 +23,7 @@ import pytest
 import lamb_optax
 from lamb_optax import presets
 import peer_reference
-from conftest import (assert_trajectory_close, flat_mask, leaf_paths,
+from helpers import (assert_trajectory_close, flat_mask, leaf_paths,
                       no_bias_or_norm, run_optimizer, trajectory_distance)
 
 LR = 0.05

@@ -69,7 +69,7 @@ def assert_matches_single_device(errors, what):
   assert errors["ratio_err"] <= RATIO_TOL, (what, errors)
 
 
-MOMENTS = {"lamb": ("mu", "nu"), "lamb_fused": ("mu", "nu"), "lars": ("ema",)}
+MOMENTS = {"lamb": ("mu", "nu"), "lamb_store_direction": ("mu", "nu"), "lars": ("ema",)}
 LEAVES = ("blocks/kernel", "dense/bias", "dense/kernel", "embed/table",
           "head/kernel", "norm/scale")
 
@@ -215,7 +215,7 @@ def test_shard_map_psum_of_fully_replicated_leaf_raises(measured):
   assert "`axis_name`" in err["message"] and "'model'" in err["message"]
 
 
-@pytest.mark.parametrize("name", ["lamb", "lamb_fused"])
+@pytest.mark.parametrize("name", ["lamb", "lamb_store_direction"])
 def test_shard_map_max_grad_norm_uses_global_norm(measured, name):
   # The clip is active at every step...
   assert min(measured["grad_norms"]) > 2 * scenarios.MAX_GRAD_NORM
@@ -235,7 +235,7 @@ def one_device_mesh():
 def test_unbound_axis_name_names_axis_name():
   params = {"w": jnp.ones((3, 2)), "b": jnp.zeros(2)}
   for tx in (lamb_optax.lamb(1e-3, axis_name="data"),
-             lamb_optax.lamb(1e-3, axis_name="data", fused=True),
+             lamb_optax.lamb(1e-3, axis_name="data", store_direction=True),
              lamb_optax.lamb(1e-3, axis_name="data", max_grad_norm=1.0),
              lamb_optax.lars(1e-3, axis_name="data")):
     state = tx.init(params)
@@ -252,7 +252,7 @@ def test_zero_axis_not_in_mesh_names_zero_axis():
 
 def test_param_shardings_must_be_named_shardings():
   params = {"w": jnp.ones((4, 2))}
-  with pytest.raises(TypeError, match=r"`param_shardings` for leaf .*'w'"):
+  with pytest.raises(TypeError, match=r"`param_shardings` leaf .*'w'"):
     state_shardings(lamb_optax.lamb(1e-3), params, {"w": P()})
 
 

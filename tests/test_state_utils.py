@@ -20,7 +20,7 @@ WD = 0.05
 EPS = 1e-6
 
 
-def make_params(dtype=jnp.float32):
+def small_params(dtype=jnp.float32):
   return jax.tree.map(lambda x: jnp.asarray(x, dtype), {
       "conv": np.linspace(-2.0, 3.0, 24).reshape(2, 3, 4),
       "dense": {"kernel": np.array([[3.0, -4.0, 0.5], [1.0, 2.0, -0.25]]),
@@ -29,9 +29,9 @@ def make_params(dtype=jnp.float32):
   })
 
 
-def make_grads(seed=0, dtype=jnp.float32):
+def small_grads(seed=0, dtype=jnp.float32):
   rng = np.random.default_rng(seed)
-  params = make_params()
+  params = small_params()
   leaves = [rng.standard_normal(np.shape(x)) * (1.0 + i)
             for i, x in enumerate(jax.tree.leaves(params))]
   return jax.tree.map(lambda g: jnp.asarray(g, dtype),
@@ -68,8 +68,8 @@ def lars_first_step_ratios(params, grads, momentum=0.9, weight_decay=WD,
 
 
 def step(tx, params=None, grads=None, state=None):
-  params = make_params() if params is None else params
-  grads = make_grads() if grads is None else grads
+  params = small_params() if params is None else params
+  grads = small_grads() if grads is None else grads
   state = tx.init(params) if state is None else state
   _, state = tx.update(grads, state, params)
   return state
@@ -81,7 +81,7 @@ def lamb():
 
 def assert_ratios(ratios, expected, params=None, rtol=1e-5):
   """float32 scalars, shaped like the params, equal to the float64 values."""
-  params = make_params() if params is None else params
+  params = small_params() if params is None else params
   chex.assert_trees_all_equal_structs(ratios, params)
   for r in jax.tree.leaves(ratios):
     assert r.dtype == jnp.float32
@@ -96,7 +96,7 @@ def assert_ratios(ratios, expected, params=None, rtol=1e-5):
 
 def test_ratios_of_first_lamb_step_equal_float64_formula():
   ratios = lamb_optax.trust_ratios(step(lamb()))
-  expected = lamb_first_step_ratios(make_params(), make_grads())
+  expected = lamb_first_step_ratios(small_params(), small_grads())
   assert_ratios(ratios, expected)
   # The zero bias gets exactly 1; the others are not trivially 1.
   assert float(ratios["dense"]["bias"]) == 1.0
@@ -114,8 +114,8 @@ def test_ratios_of_a_simple_layer_by_hand():
 
 
 def test_ratios_are_float32_for_bfloat16_params():
-  params = make_params(jnp.bfloat16)
-  grads = make_grads(dtype=jnp.bfloat16)
+  params = small_params(jnp.bfloat16)
+  grads = small_grads(dtype=jnp.bfloat16)
   ratios = lamb_optax.trust_ratios(step(lamb(), params, grads))
   # bf16 direction: compare loosely with the formula on the bf16 values.
   assert_ratios(ratios, lamb_first_step_ratios(params, grads), params,
@@ -125,8 +125,8 @@ def test_ratios_are_float32_for_bfloat16_params():
 def test_ratios_are_one_before_the_first_update():
   for tx in (lamb(), lamb_optax.lars(LR),
              lamb_optax.scale_by_trust_ratio()):
-    ratios = lamb_optax.trust_ratios(tx.init(make_params()))
-    assert_ratios(ratios, [1.0] * len(jax.tree.leaves(make_params())))
+    ratios = lamb_optax.trust_ratios(tx.init(small_params()))
+    assert_ratios(ratios, [1.0] * len(jax.tree.leaves(small_params())))
 
 
 def test_ratios_are_one_for_leaves_outside_the_trust_ratio_mask():
@@ -134,7 +134,7 @@ def test_ratios_are_one_for_leaves_outside_the_trust_ratio_mask():
           "scale": False}
   tx = lamb_optax.lamb(LR, eps=EPS, weight_decay=WD, trust_ratio_mask=mask)
   ratios = lamb_optax.trust_ratios(step(tx))
-  expected = lamb_first_step_ratios(make_params(), make_grads())
+  expected = lamb_first_step_ratios(small_params(), small_grads())
   flat_mask = jax.tree.leaves(mask)
   expected = [e if m else 1.0 for e, m in zip(expected, flat_mask)]
   assert_ratios(ratios, expected)
@@ -145,7 +145,7 @@ def test_lars_ratios_equal_float64_formula():
                        trust_coefficient=0.02, eps=1e-3)
   ratios = lamb_optax.trust_ratios(step(tx))
   assert_ratios(ratios, lars_first_step_ratios(
-      make_params(), make_grads(), momentum=0.8, trust_coefficient=0.02,
+      small_params(), small_grads(), momentum=0.8, trust_coefficient=0.02,
       eps=1e-3))
 
 
@@ -153,9 +153,9 @@ def test_ratios_after_several_steps_follow_the_current_params():
   # After k steps, r = ||x_k|| / ||u_k||: check against the state's own
   # moments (Adam direction recomputed from mu, nu in float64).
   tx = lamb()
-  params, state = make_params(), tx.init(make_params())
+  params, state = small_params(), tx.init(small_params())
   for seed in range(3):
-    updates, state = tx.update(make_grads(seed), state, params)
+    updates, state = tx.update(small_grads(seed), state, params)
     last_params = params
     params = optax.apply_updates(params, updates)
   adam_state = state[0]
@@ -193,25 +193,25 @@ WRAPPERS = {
 @pytest.mark.parametrize("name", sorted(WRAPPERS))
 def test_found_inside_wrapper(name):
   tx = WRAPPERS[name]()
-  state = tx.init(make_params())
+  state = tx.init(small_params())
   assert_ratios(lamb_optax.trust_ratios(state),
-                [1.0] * len(jax.tree.leaves(make_params())))
+                [1.0] * len(jax.tree.leaves(small_params())))
   state = step(tx, state=state)
   assert_ratios(lamb_optax.trust_ratios(state),
-                lamb_first_step_ratios(make_params(), make_grads()))
+                lamb_first_step_ratios(small_params(), small_grads()))
 
 
 def test_found_inside_multisteps_after_k_micro_steps():
   tx = optax.MultiSteps(lamb(), every_k_schedule=2)
   update = jax.jit(tx.update)
-  params = make_params()
+  params = small_params()
   state = tx.init(params)
-  _, state = update(make_grads(0), state, params)
+  _, state = update(small_grads(0), state, params)
   # Only accumulated so far: the ratios are still the initial ones.
   assert_ratios(lamb_optax.trust_ratios(state),
                 [1.0] * len(jax.tree.leaves(params)))
-  _, state = update(make_grads(1), state, params)
-  mean = jax.tree.map(lambda a, b: (a + b) / 2, make_grads(0), make_grads(1))
+  _, state = update(small_grads(1), state, params)
+  mean = jax.tree.map(lambda a, b: (a + b) / 2, small_grads(0), small_grads(1))
   assert_ratios(lamb_optax.trust_ratios(state),
                 lamb_first_step_ratios(params, mean))
 
@@ -221,7 +221,7 @@ def test_found_inside_masked():
           "scale": False}
   tx = optax.masked(lamb(), mask)
   ratios = lamb_optax.trust_ratios(step(tx))
-  expected = lamb_first_step_ratios(make_params(), make_grads())
+  expected = lamb_first_step_ratios(small_params(), small_grads())
   assert float(ratios["conv"]) == pytest.approx(expected[0], rel=1e-5)
   assert float(ratios["dense"]["kernel"]) == pytest.approx(expected[2],
                                                            rel=1e-5)
@@ -243,8 +243,8 @@ def test_multi_transform_needs_index_and_returns_each():
   state = step(_two_optimizers())
   with pytest.raises(ValueError, match=r"\bindex\b"):
     lamb_optax.trust_ratios(state)
-  lamb_expected = lamb_first_step_ratios(make_params(), make_grads())
-  lars_expected = lars_first_step_ratios(make_params(), make_grads())
+  lamb_expected = lamb_first_step_ratios(small_params(), small_grads())
+  lars_expected = lars_first_step_ratios(small_params(), small_grads())
   first = lamb_optax.trust_ratios(state, index=0)
   second = lamb_optax.trust_ratios(state, index=1)
   # Pytree order: "a_lamb" before "b_lars".
@@ -282,13 +282,13 @@ def test_two_lambs_in_a_chain_are_both_found():
   with pytest.raises(ValueError, match=r"\bindex\b"):
     lamb_optax.trust_ratios(state)
   assert_ratios(lamb_optax.trust_ratios(state, index=0),
-                lamb_first_step_ratios(make_params(), make_grads()))
+                lamb_first_step_ratios(small_params(), small_grads()))
 
 
 @pytest.mark.parametrize("tx", [optax.adam(1e-3), optax.lamb(1e-3),
                                 optax.identity()],
                          ids=["adam", "optax_lamb", "identity"])
 def test_error_when_state_has_no_trust_ratio(tx):
-  state = tx.init(make_params())
+  state = tx.init(small_params())
   with pytest.raises(ValueError, match="trust"):
     lamb_optax.trust_ratios(state)

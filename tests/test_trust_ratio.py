@@ -9,7 +9,7 @@ import pytest
 
 import lamb_optax
 import reference
-from conftest import ZERO_LAYER, flat_mask, make_params, to_numpy64
+from helpers import ZERO_LAYER, flat_mask, make_params, to_numpy64
 
 
 def _updates_like(params, seed=2):

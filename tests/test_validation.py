@@ -500,3 +500,137 @@ def test_schedules_are_not_checked_as_numbers():
   for a, b in zip(_flat64(u1), _flat64(u2)):
     np.testing.assert_allclose(a, b, rtol=1e-6)
   assert math.isfinite(float(jax.tree.leaves(u1)[0].sum()))
+
+
+# --------------------------------------------------------------------------
+# Learning rates and weight decays that would train silently wrong.
+# --------------------------------------------------------------------------
+
+
+LR_FACTORIES = {
+    "lamb": lamb_optax.lamb,
+    "lamb_store_direction": lambda lr, **kw: lamb_optax.lamb(
+        lr, store_direction=True, **kw),
+    "lars": lamb_optax.lars,
+    "nvlamb": lamb_optax.presets.nvlamb,
+    "timm": lamb_optax.presets.timm,
+    "torch_optimizer": lamb_optax.presets.torch_optimizer,
+    "deepspeed": lamb_optax.presets.deepspeed,
+    "tensorflow": lamb_optax.presets.tensorflow,
+    "keras": lamb_optax.presets.keras,
+}
+
+# (value, error): None would make the update +r*u (climbing the gradient
+# at an effective learning rate of 1), a string failed only inside update.
+BAD_LEARNING_RATES = [
+    (None, TypeError), ("0.1", TypeError), (True, TypeError),
+    (False, TypeError), (-0.1, ValueError), (-1e-12, ValueError),
+    (NAN, ValueError), (INF, ValueError), (-INF, ValueError),
+]
+BAD_LR_IDS = [repr(v) for v, _ in BAD_LEARNING_RATES]
+
+
+@pytest.mark.parametrize("value,error", BAD_LEARNING_RATES, ids=BAD_LR_IDS)
+@pytest.mark.parametrize("name", sorted(LR_FACTORIES))
+def test_bad_learning_rate_rejected_naming_it(name, value, error):
+  with pytest.raises(error, match=_named("learning_rate")):
+    LR_FACTORIES[name](value)
+
+
+@pytest.mark.parametrize("value,error", BAD_LEARNING_RATES, ids=BAD_LR_IDS)
+@pytest.mark.parametrize("name", ["lamb", "lars", "nvlamb"])
+def test_bad_learning_rate_rejected_under_inject_hyperparams(name, value,
+                                                             error):
+  opt = optax.inject_hyperparams(LR_FACTORIES[name])(learning_rate=value)
+  with pytest.raises(error, match=_named("learning_rate")):
+    opt.init(_params())
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars", "keras"])
+def test_injected_learning_rate_set_negative_rejected_at_update(name):
+  """Set in the state between steps (outside jit the value is concrete)."""
+  opt = optax.inject_hyperparams(LR_FACTORIES[name])(learning_rate=0.1)
+  params = _params()
+  state = opt.init(params)
+  state.hyperparams["learning_rate"] = jnp.asarray(-0.1)
+  with pytest.raises(ValueError, match=_named("learning_rate")):
+    opt.update(_grads(), state, params)
+
+
+@pytest.mark.parametrize("name", sorted(LR_FACTORIES))
+def test_schedules_and_zero_learning_rate_accepted(name):
+  params = _params()
+  for lr in (0.0, optax.linear_schedule(0.1, 0.0, 10), np.float32(0.1)):
+    opt = LR_FACTORIES[name](lr)
+    updates, _ = opt.update(_grads(), opt.init(params), params)
+    assert all(np.all(np.isfinite(u)) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("value", [INF, -INF, NAN])
+@pytest.mark.parametrize("name", sorted(LR_FACTORIES))
+def test_non_finite_weight_decay_rejected_naming_it(name, value):
+  with pytest.raises(ValueError, match=_named("weight_decay")):
+    LR_FACTORIES[name](0.1, weight_decay=value)
+
+
+@pytest.mark.parametrize("value", [INF, NAN, -0.5])
+@pytest.mark.parametrize("name", ["lamb", "lars", "timm"])
+def test_bad_weight_decay_rejected_under_inject_hyperparams(name, value):
+  opt = optax.inject_hyperparams(LR_FACTORIES[name])(
+      learning_rate=0.1, weight_decay=value)
+  with pytest.raises(ValueError, match=_named("weight_decay")):
+    opt.init(_params())
+
+
+# --------------------------------------------------------------------------
+# Gradients that do not match the params leaf by leaf.
+# --------------------------------------------------------------------------
+
+
+SHAPE_FACTORIES = dict(
+    LR_FACTORIES,
+    scale_by_trust_ratio=lambda lr: lamb_optax.scale_by_trust_ratio(),
+    scale_by_adam=lambda lr: lamb_optax.scale_by_adam(),
+    inject_hyperparams_lamb=lambda lr: optax.inject_hyperparams(
+        lamb_optax.lamb)(learning_rate=lr, weight_decay=0.1),
+    inject_hyperparams_lars=lambda lr: optax.inject_hyperparams(
+        lamb_optax.lars)(learning_rate=lr),
+)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", sorted(SHAPE_FACTORIES))
+def test_gradient_of_other_shape_names_leaf_and_both_shapes(name, jit):
+  opt = SHAPE_FACTORIES[name](0.1)
+  params = _params()
+  state = opt.init(params)
+  grads = _grads()
+  grads["dense"]["kernel"] = grads["dense"]["kernel"].T  # (3, 2), not (2, 3)
+  update = jax.jit(opt.update) if jit else opt.update
+  with pytest.raises(ValueError, match=_named("updates")) as info:
+    update(grads, state, params)
+  message = str(info.value)
+  assert "dense/kernel" in message
+  assert "(3, 2)" in message and "(2, 3)" in message
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars", "scale_by_trust_ratio"])
+def test_gradient_broadcastable_to_its_param_still_rejected(name):
+  """A (3,) gradient for a (2, 3) kernel would broadcast silently."""
+  opt = SHAPE_FACTORIES[name](0.1)
+  params = _params()
+  state = opt.init(params)
+  grads = _grads()
+  grads["dense"]["kernel"] = grads["dense"]["kernel"][0]
+  with pytest.raises(ValueError, match=r"dense/kernel.*\(3,\).*\(2, 3\)"):
+    opt.update(grads, state, params)
+
+
+def test_complex_gradient_for_float_param_names_the_leaf():
+  opt = lamb_optax.lamb(0.1)
+  params = _params()
+  state = opt.init(params)
+  grads = _grads()
+  grads["scale"] = jnp.asarray(1.0 + 0.5j, jnp.complex64)
+  with pytest.raises(TypeError, match=r"`updates` leaf 'scale'"):
+    opt.update(grads, state, params)

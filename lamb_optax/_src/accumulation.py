@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from lamb_optax._src import validation
+from lamb_optax._src import prefix
 
 
 ShouldSkipUpdateFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
@@ -261,7 +261,7 @@ def _check_batch(batch: Any, num_micro_batches: int) -> int:
     raise ValueError("`batch` has no array leaves to split into micro-batches.")
   sizes = {}
   for path, leaf in leaves:
-    name = validation.path_str(path) or "<root>"
+    name = prefix.path_str(path) or "<root>"
     if np.ndim(leaf) == 0:
       raise ValueError(
           f"`batch` leaf '{name}' is a scalar: every leaf of `batch` needs a "
@@ -390,7 +390,7 @@ def accumulate_gradients(
             or jnp.issubdtype(dtype, jnp.integer)):
           raise TypeError(
           f"The value of `value_and_grad_fn` has a leaf "
-          f"'{validation.path_str(path) or '<root>'}' of dtype {dtype}: "
+          f"'{prefix.path_str(path) or '<root>'}' of dtype {dtype}: "
           "floating leaves are averaged over micro-batches and integer "
           "leaves summed; other dtypes are not supported.")
 

@@ -10,14 +10,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lamb_optax._src import numerics
 from lamb_optax._src import validation
 
 ScaleByAdamState = optax.ScaleByAdamState
-
-
-def compute_dtype(dtype: Any) -> jnp.dtype:
-  """The dtype arithmetic runs in: at least float32 (bf16/fp16 are upcast)."""
-  return jnp.promote_types(dtype, jnp.float32)
 
 
 def one_minus_power(base: Any, count: chex.Array) -> chex.Array:
@@ -64,7 +60,7 @@ def adam_scalars(count: chex.Array, b1: Any, b2: Any,
 
 def moments(g, mu, nu, b1, b2):
   """New moments ``(m, v)`` in the compute dtype of ``g``."""
-  cdt = compute_dtype(g.dtype)
+  cdt = numerics.compute_dtype(g.dtype)
   g = g.astype(cdt)
   m = b1 * mu.astype(cdt) + (1.0 - b1) * g
   v = b2 * nu.astype(cdt) + (1.0 - b2) * jnp.square(g)
@@ -72,42 +68,21 @@ def moments(g, mu, nu, b1, b2):
 
 
 def direction(m, v, g, sc: AdamScalars, *, b1, b2, eps, eps_root,
-              nesterov: Optional[str], one: Optional[chex.Array] = None):
+              nesterov: Optional[str]):
   r"""Adam's direction :math:`\hat m / (\sqrt{\hat v + \epsilon_{root}} +
-  \epsilon)` from the new moments (``g`` is used by the Nesterov forms).
-
-  ``one``, when given, must be a runtime scalar equal to 1.0: every scalar
-  operand is multiplied by it. That is exact (the result is bit for bit the
-  same), but it gives XLA a different expression. The fused LAMB step uses
-  it for its norm pass: XLA will not recompute an expensive elementwise
-  expression (sqrt, divide) for two consumers, so if the norm and the step
-  read one expression it writes the direction to a parameter-sized
-  temporary; with runtime scalars unique to the layer (constants and shared
-  scalars would be materialised as broadcasts) it recomputes the direction
-  in the reduction instead, and no temporary is allocated.
-  """
-  cdt = m.dtype
-  g = g.astype(cdt)
-
-  def scalar(z):
-    z = jnp.asarray(z, cdt)
-    return z if one is None else z * one.astype(cdt)
-
-  # Divisions by scalars are written as products with reciprocals: XLA may
-  # otherwise rewrite (m / c1) / d into m / (c1 * d) in one kernel and not
-  # in another, and the fused LAMB step needs the same bits in both.
+  \epsilon)` from the new moments (``g`` is used by the Nesterov forms)."""
+  g = g.astype(m.dtype)
   if nesterov is None:
-    m_hat = m * scalar(1.0 / sc.c1)
+    m_hat = m / sc.c1
   else:
-    m_hat = (scalar(b1 / sc.c1_next) * m + scalar((1.0 - b1) / sc.c1) * g)
+    m_hat = b1 * m / sc.c1_next + (1.0 - b1) * g / sc.c1
   if nesterov == "nn":
-    v_hat = (scalar(b2 / sc.c2_next) * v
-             + scalar((1.0 - b2) / sc.c2) * jnp.square(g))
+    v_hat = b2 * v / sc.c2_next + (1.0 - b2) * jnp.square(g) / sc.c2
   else:
-    v_hat = v * scalar(1.0 / sc.c2)
+    v_hat = v / sc.c2
   if not (isinstance(eps_root, (int, float)) and eps_root == 0):
-    v_hat = v_hat + scalar(eps_root)
-  return m_hat / (jnp.sqrt(v_hat) + scalar(eps))
+    v_hat = v_hat + eps_root
+  return m_hat / (jnp.sqrt(v_hat) + eps)
 
 
 def scale_by_adam(
@@ -203,9 +178,7 @@ def scale_by_adam(
   validation.check_non_negative("eps", eps)
   validation.check_non_negative("eps_root", eps_root)
   validation.check_choice("nesterov", nesterov, (None, "n", "nn"))
-  if not isinstance(bias_correction, bool):
-    raise TypeError(
-        f"`bias_correction` must be a bool, got {bias_correction!r}.")
+  validation.check_bool("bias_correction", bias_correction)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
 
@@ -222,6 +195,7 @@ def scale_by_adam(
     validation.check_float_leaves(updates, "updates")
     validation.check_same_structure(state.mu, updates, "updates",
                                     "the params given to init")
+    validation.check_updates_match_params(updates, state.mu)
     count = optax.safe_int32_increment(state.count)
     sc = adam_scalars(count, b1, b2, bias_correction)
 

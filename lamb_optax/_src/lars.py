@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lamb_optax._src import adam
 from lamb_optax._src import layers
+from lamb_optax._src import numerics
 from lamb_optax._src import trust_ratio
-from lamb_optax._src.checked import checked_chain
 from lamb_optax._src import validation
+from lamb_optax._src.checked import checked_chain
 
 
 def lars(
@@ -99,24 +99,23 @@ def lars(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020 (Algorithm 1).
   """
+  validation.check_learning_rate(learning_rate)
   validation.check_unit_interval("momentum", momentum)
-  validation.check_non_negative("weight_decay", weight_decay)
+  validation.check_finite_non_negative("weight_decay", weight_decay)
   chain = optax.chain(
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       damped_momentum(momentum),
-      trust_ratio.trust_ratio_transform(
+      trust_ratio.trust_ratio_from_arguments(
+          mask=trust_ratio_mask, mask_name="trust_ratio_mask",
           trust_coefficient=trust_coefficient, eps=eps,
           param_norm_bounds=param_norm_bounds,
-          trust_ratio_bounds=trust_ratio_bounds,
-          mask=trust_ratio_mask, mask_name="trust_ratio_mask",
-          layer_axes=layer_axes, axis_name=axis_name),
+          trust_ratio_bounds=trust_ratio_bounds, layer_axes=layer_axes,
+          axis_name=axis_name),
       optax.scale_by_learning_rate(learning_rate),
   )
-
-  checked = checked_chain(chain, name="lars",
-                          weight_decay_mask=weight_decay_mask,
-                          trust_ratio_mask=trust_ratio_mask)
-  return optax.GradientTransformation(checked.init, checked.update)
+  return checked_chain(chain, name="lars",
+                       weight_decay_mask=weight_decay_mask,
+                       trust_ratio_mask=trust_ratio_mask)
 
 
 def damped_momentum(momentum: float) -> optax.GradientTransformation:
@@ -137,7 +136,7 @@ def damped_momentum(momentum: float) -> optax.GradientTransformation:
     del params
 
     def leaf(u, m):
-      cdt = adam.compute_dtype(u.dtype)
+      cdt = numerics.compute_dtype(u.dtype)
       new = momentum * m.astype(cdt) + (1.0 - momentum) * u.astype(cdt)
       return new.astype(u.dtype), new.astype(m.dtype)
 

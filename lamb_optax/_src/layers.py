@@ -17,7 +17,7 @@ import jax
 from jax.sharding import PartitionSpec
 import numpy as np
 
-from lamb_optax._src import validation
+from lamb_optax._src import prefix
 
 LayerAxes = Optional[Union[int, Sequence[int]]]
 LayerAxesArg = Optional[Union[Any, Callable[[Any], Any]]]
@@ -40,49 +40,6 @@ def _is_names_spec(x: Any) -> bool:
           or (isinstance(x, (tuple, list)) and all(isinstance(a, str) for a in x)))
 
 
-def _broadcast(spec_tree: Any, params: Any, is_spec: Callable[[Any], bool],
-               name: str, what: str) -> list[tuple[str, Any]]:
-  """One spec per leaf of ``params``, from a spec tree that is a prefix of it.
-
-  Returns ``(leaf path, spec)`` pairs aligned with ``jax.tree.leaves(params)``.
-  """
-  try:
-    full = jax.tree.map(
-        lambda spec, sub: jax.tree.map(lambda _: _Box(spec), sub),
-        spec_tree, params, is_leaf=is_spec)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"`{name}` does not fit the params: it must be {what}, or a pytree "
-        "with the structure of the params (or a prefix of it) whose leaves "
-        f"are such values, or a callable returning one. {name} structure: "
-        f"{jax.tree.structure(spec_tree, is_leaf=is_spec)}; params structure: "
-        f"{jax.tree.structure(params)}.") from e
-  out = []
-  for path, box in jax.tree_util.tree_leaves_with_path(
-      full, is_leaf=lambda x: isinstance(x, _Box)):
-    if not isinstance(box, _Box):  # A spec leaf where params have a leaf too.
-      raise ValueError(f"`{name}` does not fit the params at "
-                       f"'{validation.param_path_str(path)}'.")
-    if not is_spec(box.spec):
-      raise TypeError(
-          f"`{name}` leaf '{validation.param_path_str(path)}' must be {what}, "
-          f"got {type(box.spec).__name__} {box.spec!r}.")
-    out.append((validation.param_path_str(path), box.spec))
-  n = len(jax.tree.leaves(params))
-  if len(out) != n:
-    raise ValueError(f"`{name}` gives {len(out)} entries for {n} params.")
-  return out
-
-
-class _Box:
-  """Keeps a spec (possibly None or a tuple) a single pytree leaf."""
-
-  __slots__ = ("spec",)
-
-  def __init__(self, spec):
-    self.spec = spec
-
-
 def resolve_layer_axes(layer_axes: LayerAxesArg, params: Any,
                        name: str = "layer_axes") -> list[tuple[int, ...]]:
   """The layer axes of every leaf, as sorted non-negative tuples.
@@ -103,8 +60,9 @@ def resolve_layer_axes(layer_axes: LayerAxesArg, params: Any,
     return [()] * len(leaves)
   if callable(layer_axes):
     layer_axes = layer_axes(params)
-  specs = _broadcast(layer_axes, params, _is_axes_spec, name,
-                     "None, an int or a tuple of ints")
+  specs = prefix.per_leaf(layer_axes, params, name=name,
+                          what="None, an int or a tuple of ints",
+                          is_spec=_is_axes_spec)
   out = []
   for (path, spec), leaf in zip(specs, leaves):
     if spec is None:
@@ -146,8 +104,9 @@ def resolve_axis_names(axis_name: AxisNameArg, params: Any,
       isinstance(axis_name, (tuple, list)) and axis_name
       and all(isinstance(a, str) for a in axis_name)):
     return [_names(axis_name)] * len(leaves)
-  specs = _broadcast(axis_name, params, _is_names_spec, name,
-                     "None, a mesh axis name or a tuple of names")
+  specs = prefix.per_leaf(axis_name, params, name=name,
+                          what="None, a mesh axis name or a tuple of names",
+                          is_spec=_is_names_spec)
   return [_names(spec) for _, spec in specs]
 
 
@@ -302,8 +261,9 @@ def axis_names_from_specs(specs: Any, layer_axes: LayerAxesArg = None) -> Any:
       raise TypeError("`layer_axes` must be a tree here, not a callable (there "
                       "are no params to call it on).")
     dummies = treedef.unflatten([np.zeros((1,) * max(len(s), 1)) for s in flat])
-    spec_axes = _broadcast(layer_axes, dummies, _is_axes_spec, "layer_axes",
-                           "None, an int or a tuple of ints")
+    spec_axes = prefix.per_leaf(layer_axes, dummies, name="layer_axes",
+                                what="None, an int or a tuple of ints",
+                                is_spec=_is_axes_spec)
     per_leaf_axes = []
     for (path, a), spec in zip(spec_axes, flat):
       a = () if a is None else (a,) if _is_int(a) else tuple(a)

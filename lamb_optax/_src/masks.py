@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Union
 
 import jax
 
-from lamb_optax._src import validation
+from lamb_optax._src import prefix
 
 MaskFn = Callable[[Any], Any]
 Patterns = Union[str, Iterable[str]]
@@ -47,11 +47,11 @@ def path_mask(predicate: Callable[[str, Any], bool]) -> MaskFn:
   """A mask from ``predicate(path, leaf) -> bool`` on '/'-joined leaf paths."""
   def mask_fn(params):
     def leaf(path, x):
-      value = predicate(validation.param_path_str(path), x)
+      value = predicate(prefix.param_path_str(path), x)
       if not isinstance(value, bool):
         raise TypeError(
             f"mask predicate must return a bool, got {value!r} for "
-            f"'{validation.param_path_str(path)}'.")
+            f"'{prefix.param_path_str(path)}'.")
       return value
     return jax.tree_util.tree_map_with_path(leaf, params)
   return mask_fn

@@ -6,17 +6,19 @@ Each preset is an :func:`optax.chain` of the library's pieces
 :func:`optax.scale_by_learning_rate`) and of the small transforms below, one
 per way a peer departs from Algorithm 2 of You et al. (2020):
 
-* :func:`_scale_by_peer_trust_ratio`: the ratio with a run-time gate on the
-  weight decay (apex, timm: no ratio where the decay is 0), a clamp of
-  :math:`\|x\|` (torch-optimizer), bounds applied only where the ratio is
-  computed (DeepSpeed) and the parameter norm taken after a decoupled decay
-  (Keras). Its bounds may be traced values (``optax.inject_hyperparams``
-  injects every numeric argument, ``clamp_value`` and ``max_coeff`` too).
+* :func:`_scale_by_peer_trust_ratio`: the library's one trust ratio
+  (:func:`lamb_optax.scale_by_trust_ratio`'s engine) with a step count, for
+  the rules that are options of it: a run-time gate on the weight decay
+  (apex, timm: no ratio where the decay is 0), a clamp of :math:`\|x\|`
+  (torch-optimizer), bounds that leave the fallback :math:`r = 1` alone
+  (DeepSpeed) and the parameter norm taken after a decoupled decay (Keras).
+  Its bounds may be traced values (``optax.inject_hyperparams`` injects
+  every numeric argument, ``clamp_value`` and ``max_coeff`` too).
 * :func:`_scale_by_bias_correction_factor`: :math:`\sqrt{1-\beta_2^t} /
   (1-\beta_1^t)` as a multiplier of the step (DeepSpeed, torch-optimizer's
   ``debias``).
-* :func:`_clip_by_global_norm_deepspeed`: DeepSpeed's clip, with 1e-6 added
-  to the norm.
+* DeepSpeed's clip, with 1e-6 added to the norm: the library's global-norm
+  clip with ``norm_offset=1e-6``.
 * :func:`_add_decoupled_weight_decay`: Keras' :math:`x \mathrel{-}= \eta
   \lambda x`, outside the ratio.
 
@@ -29,7 +31,7 @@ over ``shard_map`` mesh axes. Both mean what they mean in
 
 from __future__ import annotations
 
-import re
+import functools
 from typing import Any, NamedTuple, Optional, Sequence
 
 import chex
@@ -39,8 +41,11 @@ import optax
 
 from lamb_optax._src import adam as adam_lib
 from lamb_optax._src import checked
+from lamb_optax._src import clipping
 from lamb_optax._src import layers
 from lamb_optax._src import masks
+from lamb_optax._src import numerics
+from lamb_optax._src import prefix
 from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
 
@@ -74,98 +79,57 @@ def _scale_by_peer_trust_ratio(
     mask: validation.MaskArg = None,
     mask_name: str = "trust_ratio_mask",
     gate_weight_decay: Optional[optax.ScalarOrSchedule] = None,
-    param_norm_max: Any = None,
-    ratio_bounds: Optional[tuple[Any, Any]] = None,
+    options: trust_ratio.TrustRatioOptions = trust_ratio.TrustRatioOptions(),
     decoupled_decay: Optional[tuple[Any, Any, Any]] = None,
     layer_axes: layers.LayerAxesArg = None,
     axis_name: layers.AxisNameArg = None,
 ) -> optax.GradientTransformation:
-  r"""The layer-wise ratio :math:`r = \phi / \|u\|` as the peers compute it.
+  r"""The engine's trust ratio (:func:`trust_ratio.scale_updates`) with a
+  step count, for the peers' run-time rules.
 
-  For each leaf in ``mask`` (None: all), with :math:`x` the parameters and
-  :math:`u` the incoming update:
+  * ``gate_weight_decay`` (a scalar, a traced scalar or a schedule of the
+    step): where its value is 0 every ratio is 1 (apex and timm adapt only
+    layers whose decay is non-zero);
+  * ``decoupled_decay = (learning_rate, weight_decay, mask)``: on the leaves
+    of ``mask``, :math:`\phi` is the norm of :math:`x - \eta_t\lambda_t x`
+    (Keras decays before the step);
+  * ``options``: the :class:`trust_ratio.TrustRatioOptions` (bounds that
+    may be traced, DeepSpeed's unclipped fallback).
 
-  * :math:`\phi = \|x'\|` with :math:`x' = x - \eta_t\lambda_t x` on the
-    leaves of ``decoupled_decay = (learning_rate, weight_decay, mask)``
-    (Keras applies its decay before the step), else :math:`\phi = \|x\|`;
-  * :math:`\phi \leftarrow \min(\phi, c)` with :math:`c` = ``param_norm_max``
-    (torch-optimizer's ``clamp_value``);
-  * :math:`r = \mathrm{clip}(\phi/\|u\|, lo, hi)` with ``ratio_bounds``, and
-    :math:`r = 1` (not clipped) where :math:`\phi = 0` or :math:`\|u\| = 0`;
-  * :math:`r = 1` at steps where ``gate_weight_decay`` (a scalar, a traced
-    scalar or a schedule) is 0: apex and timm adapt only layers whose decay
-    is non-zero.
-
-  Leaves outside ``mask`` get :math:`r = 1`. ``param_norm_max`` and the
-  bounds may be traced (``optax.inject_hyperparams``). ``layer_axes`` and
-  ``axis_name`` are those of :func:`lamb_optax.scale_by_trust_ratio`: the
-  norms (and :math:`r`) are per slice along the layer axes, and the squared
-  norms are summed over the leaf's mesh axes.
+  Leaves outside ``mask`` get :math:`r = 1`; ``layer_axes`` and
+  ``axis_name`` are those of :func:`lamb_optax.scale_by_trust_ratio`.
   """
+  decay_mask, decay_mask_name = False, "weight_decay_mask"
+  if decoupled_decay is not None:
+    decay_mask = decoupled_decay[2]
+  specs_fn = functools.partial(
+      trust_ratio.leaf_specs, adapt_mask=mask, adapt_mask_name=mask_name,
+      decay_mask=decay_mask, decay_mask_name=decay_mask_name,
+      layer_axes=layer_axes, axis_name=axis_name)
 
   def init_fn(params):
     validation.check_float_leaves(params, "params")
-    validation.check_masks(params, **{mask_name: mask})
-    layers.resolve_axis_names(axis_name, params)
     return PeerTrustRatioState(
         count=jnp.zeros([], jnp.int32),
         trust=trust_ratio.ScaleByTrustRatioState(
-            trust_ratios=trust_ratio.initial_ratios(params, layer_axes)))
+            trust_ratios=trust_ratio.initial_ratios(params, specs_fn(params))))
 
   def update_fn(updates, state, params=None):
     validation.check_params_present(params, "the trust ratio")
-    validation.check_same_structure(params, updates, "updates")
+    validation.check_updates_match_params(updates, params)
     count = state.count
-    treedef = jax.tree.structure(params)
-    flat_params = treedef.flatten_up_to(params)
-    flat_updates = treedef.flatten_up_to(updates)
-    flat_adapt = validation.resolve_mask(mask, params, mask_name)
-    flat_axes = layers.resolve_layer_axes(layer_axes, params)
-    flat_names = layers.resolve_axis_names(axis_name, params)
-    gate = None
+    gate = param_decay = None
     if gate_weight_decay is not None:
       gate = jnp.asarray(_at(gate_weight_decay, count)) != 0
     if decoupled_decay is not None:
-      lr, wd, wd_mask = decoupled_decay
-      decay_scale = jnp.asarray(_at(lr, count)) * jnp.asarray(_at(wd, count))
-      flat_decay = validation.resolve_mask(wd_mask, params, "weight_decay_mask")
-    else:
-      flat_decay = [False] * len(flat_params)
-
-    new_updates, ratios = [], []
-    for u, x, adapt, decay, axes, names in zip(
-        flat_updates, flat_params, flat_adapt, flat_decay, flat_axes,
-        flat_names):
-      if not adapt:
-        new_updates.append(u)
-        ratios.append(jnp.ones([x.shape[i] for i in axes], jnp.float32))
-        continue
-      cdt = adam_lib.compute_dtype(dtype=x.dtype)
-      x = x.astype(cdt)
-      if decay:
-        x = x - x * decay_scale.astype(cdt)
-      param_norm = jnp.sqrt(trust_ratio.layer_squared_norms(x, axes, names))
-      update_norm = jnp.sqrt(trust_ratio.layer_squared_norms(u, axes, names))
-      if param_norm_max is not None:
-        param_norm = jnp.minimum(param_norm,
-                                 jnp.asarray(param_norm_max, param_norm.dtype))
-      computed = (param_norm > 0) & (update_norm > 0)
-      ratio = param_norm / jnp.where(computed, update_norm, 1.0)
-      if ratio_bounds is not None:
-        ratio = jnp.clip(ratio, ratio_bounds[0], ratio_bounds[1])
-      ratio = jnp.where(computed, ratio, 1.0)
-      if gate is not None:
-        ratio = jnp.where(gate, ratio, 1.0)
-      ratio = ratio.astype(jnp.float32)
-      trust_ratio.check_ratio(ratio, x, axes)
-      ucdt = adam_lib.compute_dtype(dtype=u.dtype)
-      scale = trust_ratio.expand_ratio(ratio.astype(ucdt), u.ndim, axes)
-      new_updates.append((u.astype(ucdt) * scale).astype(u.dtype))
-      ratios.append(ratio)
-    return treedef.unflatten(new_updates), PeerTrustRatioState(
+      lr, wd, _ = decoupled_decay
+      param_decay = jnp.asarray(_at(lr, count)) * jnp.asarray(_at(wd, count))
+    scaled, ratios = trust_ratio.scale_updates(
+        updates, params, specs_fn(params), options, gate=gate,
+        param_decay=param_decay)
+    return scaled, PeerTrustRatioState(
         count=optax.safe_int32_increment(count),
-        trust=trust_ratio.ScaleByTrustRatioState(
-            trust_ratios=treedef.unflatten(ratios)))
+        trust=trust_ratio.ScaleByTrustRatioState(trust_ratios=ratios))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -189,32 +153,9 @@ def _scale_by_bias_correction_factor(b1: Any, b2: Any
     c2 = adam_lib.one_minus_power(base=b2, count=count)
     factor = jnp.sqrt(c2) / c1
     updates = jax.tree.map(
-        lambda u: (u.astype(adam_lib.compute_dtype(dtype=u.dtype))
+        lambda u: (u.astype(numerics.compute_dtype(u.dtype))
                    * factor).astype(u.dtype), updates)
     return updates, CountState(count=count)
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def _clip_by_global_norm_deepspeed(max_grad_norm: Any,
-                                   axis_name: layers.AxisNameArg = None
-                                   ) -> optax.GradientTransformation:
-  r"""DeepSpeed's clip: :math:`g \leftarrow g / c` where
-  :math:`c = (G + 10^{-6}) / \mathrm{max\_grad\_norm} > 1`; with
-  ``axis_name`` each leaf's squared norm is summed over its mesh axes."""
-
-  def init_fn(params):
-    layers.resolve_axis_names(axis_name, params)
-    return optax.EmptyState()
-
-  def update_fn(updates, state, params=None):
-    del params
-    clip = (trust_ratio.global_norm(updates, axis_name) + 1e-6) / max_grad_norm
-    divisor = jnp.where(clip > 1, clip, 1.0)
-    updates = jax.tree.map(
-        lambda g: (g.astype(adam_lib.compute_dtype(dtype=g.dtype))
-                   / divisor).astype(g.dtype), updates)
-    return updates, state
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -234,16 +175,16 @@ def _add_decoupled_weight_decay(
     validation.check_params_present(params, "keras (decoupled weight decay)")
     scale = (jnp.asarray(_at(learning_rate, state.count))
              * jnp.asarray(_at(weight_decay, state.count)))
+    decayed = prefix.resolve_mask(mask, params, "weight_decay_mask")
     treedef = jax.tree.structure(params)
-    flat_decay = validation.resolve_mask(mask, params, "weight_decay_mask")
-    out = []
-    for u, x, decay in zip(treedef.flatten_up_to(updates),
-                           treedef.flatten_up_to(params), flat_decay):
-      if decay:
-        cdt = adam_lib.compute_dtype(dtype=u.dtype)
-        u = (u.astype(cdt) - x.astype(cdt) * scale.astype(cdt)).astype(u.dtype)
-      out.append(u)
-    return (treedef.unflatten(out),
+
+    def leaf(u, x, decay):
+      if not decay:
+        return u
+      cdt = numerics.compute_dtype(u.dtype)
+      return (u.astype(cdt) - x.astype(cdt) * scale.astype(cdt)).astype(u.dtype)
+
+    return (jax.tree.map(leaf, updates, params, treedef.unflatten(decayed)),
             CountState(count=optax.safe_int32_increment(state.count)))
 
   return optax.GradientTransformation(init_fn, update_fn)
@@ -254,45 +195,20 @@ def _add_decoupled_weight_decay(
 # --------------------------------------------------------------------------
 
 
-def _check_bool(name: str, value: Any) -> None:
-  if not isinstance(value, bool):
-    raise TypeError(f"`{name}` must be a bool, got {value!r}.")
-
-
 def _check_common(learning_rate, eps, weight_decay, max_grad_norm=None):
-  validation.check_non_negative("learning_rate", learning_rate)
+  validation.check_learning_rate(learning_rate)
   validation.check_non_negative("eps", eps)
   if weight_decay is not None:
-    validation.check_non_negative("weight_decay", weight_decay)
+    validation.check_finite_non_negative("weight_decay", weight_decay)
   if max_grad_norm is not None:
     validation.check_positive("max_grad_norm", max_grad_norm)
 
 
-def _check_patterns(name: str, patterns: Any) -> Optional[list[str]]:
-  """None or a list/tuple of regex strings (TF's exclusion lists)."""
-  if patterns is None:
-    return None
-  if isinstance(patterns, (str, bytes)) or not isinstance(patterns, Sequence):
-    raise TypeError(
-        f"`{name}` must be None or a list of regex strings, got {patterns!r} "
-        "(TF iterates a plain string character by character: pass "
-        "['bias'], not 'bias').")
-  for p in patterns:
-    if not isinstance(p, str):
-      raise TypeError(f"`{name}` must hold regex strings, got {p!r}.")
-    try:
-      re.compile(p)
-    except re.error as e:
-      raise ValueError(f"`{name}`: invalid regex {p!r}: {e}") from None
-  return list(patterns)
-
-
 def _finish(chain, *, name, weight_decay_mask=None, trust_ratio_mask=None):
   """The chain with the library's argument checks and dtype handling."""
-  wrapped = checked.checked_chain(
-      chain=chain, name=name, weight_decay_mask=weight_decay_mask,
-      trust_ratio_mask=trust_ratio_mask)
-  return optax.GradientTransformation(wrapped.init, wrapped.update)
+  return checked.checked_chain(chain, name=name,
+                               weight_decay_mask=weight_decay_mask,
+                               trust_ratio_mask=trust_ratio_mask)
 
 
 # --------------------------------------------------------------------------
@@ -409,10 +325,10 @@ def nvlamb(
                       ("grad_averaging", grad_averaging),
                       ("adam_w_mode", adam_w_mode),
                       ("use_nvlamb", use_nvlamb)):
-    _check_bool(name, value)
+    validation.check_bool(name, value)
   parts = []
   if max_grad_norm is not None:
-    parts.append(trust_ratio.clip_by_global_norm(max_grad_norm, axis_name))
+    parts.append(clipping.clip_by_global_norm(max_grad_norm, axis_name))
   decay_tx = optax.add_decayed_weights(weight_decay, weight_decay_mask)
   if not adam_w_mode:
     parts.append(decay_tx)  # L2: into the gradient, before the moments
@@ -529,10 +445,10 @@ def timm(
   for name, value in (("trust_clip", trust_clip),
                       ("always_adapt", always_adapt),
                       ("bias_correction", bias_correction)):
-    _check_bool(name, value)
+    validation.check_bool(name, value)
   parts = []
   if max_grad_norm is not None:
-    parts.append(trust_ratio.clip_by_global_norm(max_grad_norm, axis_name))
+    parts.append(clipping.clip_by_global_norm(max_grad_norm, axis_name))
   parts.append(adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps,
                                   bias_correction=bias_correction))
   parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
@@ -540,7 +456,9 @@ def timm(
       mask=None if always_adapt else weight_decay_mask,
       mask_name="weight_decay_mask",
       gate_weight_decay=None if always_adapt else weight_decay,
-      ratio_bounds=(0.0, 1.0) if trust_clip else None,
+      options=trust_ratio.TrustRatioOptions(
+          trust_ratio_bounds=(0.0, 1.0) if trust_clip else None,
+          bound_fallback=False),
       layer_axes=layer_axes, axis_name=axis_name))
   parts.append(optax.scale_by_learning_rate(learning_rate))
   return _finish(optax.chain(*parts), name="timm",
@@ -629,13 +547,14 @@ def torch_optimizer(
   """
   _check_common(learning_rate, eps, weight_decay)
   validation.check_non_negative("clamp_value", clamp_value)
-  _check_bool("debias", debias)
-  _check_bool("adam", adam)
+  validation.check_bool("debias", debias)
+  validation.check_bool("adam", adam)
   parts = [
       adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps, bias_correction=False),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       _scale_by_peer_trust_ratio(mask=False if adam else None,
-                                 param_norm_max=clamp_value,
+                                 options=trust_ratio.TrustRatioOptions(
+                                     param_norm_bounds=(0.0, clamp_value)),
                                  layer_axes=layer_axes, axis_name=axis_name),
   ]
   if debias:
@@ -741,17 +660,13 @@ def deepspeed(
   _check_common(learning_rate, eps, weight_decay, max_grad_norm)
   validation.check_non_negative("max_coeff", max_coeff)
   validation.check_non_negative("min_coeff", min_coeff)
-  concrete = (int, float)
-  if (isinstance(max_coeff, concrete) and isinstance(min_coeff, concrete)
-      and min_coeff > max_coeff):
-    raise ValueError(
-        f"`min_coeff` must be <= `max_coeff`, got min_coeff={min_coeff!r} > "
-        f"max_coeff={max_coeff!r}.")
-  _check_bool("bias_correction", bias_correction)
-  _check_bool("eps_inside_sqrt", eps_inside_sqrt)
+  validation.check_ordered("min_coeff", min_coeff, "max_coeff", max_coeff)
+  validation.check_bool("bias_correction", bias_correction)
+  validation.check_bool("eps_inside_sqrt", eps_inside_sqrt)
   parts = []
   if max_grad_norm is not None:
-    parts.append(_clip_by_global_norm_deepspeed(max_grad_norm, axis_name))
+    parts.append(clipping.clip_by_global_norm(
+        max_grad_norm, axis_name, norm_offset=1e-6))
   if eps_inside_sqrt:
     adam_tx = adam_lib.scale_by_adam(b1=b1, b2=b2, eps=0.0, eps_root=eps,
                                  bias_correction=False)
@@ -761,7 +676,8 @@ def deepspeed(
   parts += [
       adam_tx,
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      _scale_by_peer_trust_ratio(ratio_bounds=(min_coeff, max_coeff),
+      _scale_by_peer_trust_ratio(options=trust_ratio.TrustRatioOptions(
+          trust_ratio_bounds=(min_coeff, max_coeff), bound_fallback=False),
                                  layer_axes=layer_axes, axis_name=axis_name),
   ]
   if bias_correction:
@@ -852,9 +768,9 @@ def tensorflow(
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
   _check_common(learning_rate, eps, weight_decay)
-  wd_patterns = _check_patterns("exclude_from_weight_decay",
+  wd_patterns = validation.check_patterns("exclude_from_weight_decay",
                                 exclude_from_weight_decay)
-  la_patterns = _check_patterns("exclude_from_layer_adaptation",
+  la_patterns = validation.check_patterns("exclude_from_layer_adaptation",
                                 exclude_from_layer_adaptation)
   if not la_patterns:
     la_patterns = wd_patterns
@@ -957,7 +873,7 @@ def keras(
   _check_common(learning_rate, eps, weight_decay, max_grad_norm)
   parts = []
   if max_grad_norm is not None:
-    parts.append(trust_ratio.clip_by_global_norm(max_grad_norm, axis_name))
+    parts.append(clipping.clip_by_global_norm(max_grad_norm, axis_name))
   parts.append(adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps))
   if weight_decay is None:
     parts += [trust_ratio.scale_by_trust_ratio(layer_axes=layer_axes,

@@ -18,6 +18,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec
 import optax
 
+from lamb_optax._src import prefix
+
 
 def state_shardings(
     optimizer: optax.GradientTransformation,
@@ -143,33 +145,12 @@ def _params_like(node: Any, treedef: Any) -> Optional[list[Any]]:
 
 def _per_param_shardings(param_shardings: Any, params: Any) -> list[Any]:
   """One ``NamedSharding`` per leaf of ``params``, from a (prefix) tree."""
-  if isinstance(param_shardings, NamedSharding):
-    return [param_shardings] * len(jax.tree.leaves(params))
-  try:
-    full = jax.tree.map(
-        lambda sharding, sub: jax.tree.map(lambda _: sharding, sub),
-        param_shardings, params)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        "`param_shardings` must be a NamedSharding or a pytree of them with "
-        "the structure of the params (or a prefix of it). param_shardings: "
-        f"{jax.tree.structure(param_shardings)}; params: "
-        f"{jax.tree.structure(params)}.") from e
-  flat = jax.tree.structure(params).flatten_up_to(full)
-  for path, sharding in zip(_paths(params), flat):
-    if not isinstance(sharding, NamedSharding):
-      raise TypeError(
-          f"`param_shardings` for leaf '{path or '<root>'}' must be a "
-          f"jax.sharding.NamedSharding, got {type(sharding).__name__} "
-          f"{sharding!r}.")
-  if not flat:
+  if not jax.tree.leaves(params):
     raise ValueError("`params` has no leaves.")
-  return flat
-
-
-def _paths(tree: Any) -> list[str]:
-  return [jax.tree_util.keystr(path)
-          for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+  return [sharding for _, sharding in prefix.per_leaf(
+      param_shardings, params, name="param_shardings",
+      what="a jax.sharding.NamedSharding",
+      is_spec=lambda x: isinstance(x, NamedSharding))]
 
 
 def _zero_split(sharding: NamedSharding, shape: tuple[int, ...],

@@ -1,18 +1,31 @@
-r"""The layer-wise trust ratio of LAMB and LARS."""
+r"""The layer-wise trust ratio of LAMB and LARS: one engine for every caller.
+
+Every per-leaf setting (is the ratio applied, is the leaf decayed, which axes
+index layers, which mesh axes its norm is summed over) is resolved once per
+call into a params-shaped tree of :class:`LeafSpec`. :func:`scale_updates`
+then maps one computation over the leaves: each leaf's squared norms (one per
+layer), its ratios (:func:`trust_ratio_from_norms`, the one ratio function)
+and its scaled update. :func:`scale_by_trust_ratio`, :func:`lamb_optax.lamb`,
+:func:`lamb_optax.lars` and every preset use it; the presets' rules (a
+run-time gate on the decay, ratio bounds that leave the fallback ``r = 1``
+alone, traced bounds, the norm of decoupled-decayed params) are options.
+"""
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+import dataclasses
+import functools
+from typing import Any, Callable, NamedTuple, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
 import optax
 
-from lamb_optax._src import adam
 from lamb_optax._src import layers
+from lamb_optax._src import numerics
+from lamb_optax._src import prefix
 from lamb_optax._src import validation
-
 
 class ScaleByTrustRatioState(NamedTuple):
   """State of :func:`scale_by_trust_ratio`.
@@ -28,75 +41,125 @@ class ScaleByTrustRatioState(NamedTuple):
   trust_ratios: Any
 
 
-def layer_squared_norms(x: chex.Array, layer_axes: tuple[int, ...] = (),
-                        axis_name: tuple[str, ...] = ()) -> chex.Array:
-  r"""Squared L2 norms of the layers of one leaf, in (at least) float32.
+@dataclasses.dataclass(frozen=True)
+class LeafSpec:
+  """What the engine does with one leaf (a pytree leaf itself).
 
-  The reduction runs over every axis not in ``layer_axes`` (all of them by
-  default, giving a scalar), so the result has the shape of the layer axes.
-  The values are upcast before squaring, so bfloat16/float16 parameters get
-  float32-accurate norms. With ``axis_name`` the local sums are added over
-  those mesh axes (``shard_map``: the leaf is a block of the layer).
+  Attributes:
+    adapt: Whether the trust ratio applies (else ``r = 1``).
+    decay: Whether the leaf is decayed: the parameter norm is taken after
+      the decoupled decay when :func:`scale_updates` gets ``param_decay``.
+    layer_axes: Sorted axes that index layers (``()``: the leaf is one).
+    axis_names: Mesh axes the squared norms are summed over.
   """
-  x = x.astype(adam.compute_dtype(x.dtype))
-  reduce_axes = tuple(i for i in range(x.ndim) if i not in layer_axes)
-  squared = jnp.sum(jnp.square(x), axis=reduce_axes)
-  if axis_name:
-    squared = psum_over(squared, axis_name)
-  return squared
+
+  adapt: bool = True
+  decay: bool = False
+  layer_axes: tuple[int, ...] = ()
+  axis_names: tuple[str, ...] = ()
 
 
-def psum_over(value: chex.Array, axis_name: tuple[str, ...]) -> chex.Array:
-  """``lax.psum`` over mesh axes, refusing axes the value does not vary on.
+def leaf_specs(params: Any, *, adapt_mask: Any = None,
+               adapt_mask_name: str = "trust_ratio_mask",
+               decay_mask: Any = False,
+               decay_mask_name: str = "weight_decay_mask",
+               layer_axes: layers.LayerAxesArg = None,
+               axis_name: layers.AxisNameArg = None) -> Any:
+  """Resolves every per-leaf setting once: a params-shaped tree of
+  :class:`LeafSpec`. Masks are trees, prefixes or callables (None: all,
+  False: none); errors name the arguments as the public function does."""
+  treedef = jax.tree.structure(params)
+  n = treedef.num_leaves
 
-  Under ``shard_map`` a value that is replicated along a mesh axis would be
-  counted once per device on that axis. Where JAX tracks which axes a value
-  varies along (``shard_map`` with ``check_vma=True``, the default) and the
-  value varies along some axes but not one of ``axis_name``, this raises;
-  without that tracking (``check_vma=False``, ``pmap``) it cannot tell. An
-  axis name that is not bound gets an error that names ``axis_name``.
+  def mask(m, name):
+    if m is False:
+      return [False] * n
+    return prefix.resolve_mask(m, params, name)
+
+  adapt = mask(adapt_mask, adapt_mask_name)
+  decay = mask(decay_mask, decay_mask_name)
+  axes = layers.resolve_layer_axes(layer_axes, params)
+  names = layers.resolve_axis_names(axis_name, params)
+  return treedef.unflatten([LeafSpec(*spec) for spec in
+                            zip(adapt, decay, axes, names)])
+
+
+class TrustRatioOptions(NamedTuple):
+  r"""How :func:`trust_ratio_from_norms` turns norms into ratios.
+
+  Attributes:
+    trust_coefficient: :math:`\eta`, multiplies the ratio.
+    eps: Added to :math:`\|u\|` in the denominator.
+    param_norm_bounds: ``(lo, hi)`` of :math:`\phi` or None; the values may
+      be traced (torch-optimizer's ``clamp_value`` is ``(0, clamp_value)``).
+    trust_ratio_bounds: ``(lo, hi)`` of :math:`r` or None; may be traced.
+    bound_fallback: Whether ``trust_ratio_bounds`` also clip the ``r = 1``
+      of a zero norm (True; DeepSpeed leaves it at 1: False).
   """
-  for name in axis_name:
-    try:
-      jax.lax.axis_size(name)
-    except NameError as e:
-      raise ValueError(
-          f"`axis_name` names mesh axis {name!r}, which is not bound here: "
-          "the update must run inside shard_map (or pmap) over a mesh with "
-          f"that axis. ({e})") from e
-  varying = _varying_axes(value)
-  if varying or _tracks_varying_axes():
-    for name in axis_name:
-      if name not in varying:
-        raise ValueError(
-            f"`axis_name` includes mesh axis {name!r}, but this leaf is "
-            f"replicated along it (it varies only along {sorted(varying)}): "
-            "summing its squared norm over that axis would count it once "
-            f"per device. Leave {name!r} out for this leaf (see "
-            "lamb_optax.axis_names_from_specs).")
-  return jax.lax.psum(value, axis_name)
+
+  trust_coefficient: Any = 1.0
+  eps: Any = 0.0
+  param_norm_bounds: Optional[tuple[Any, Any]] = None
+  trust_ratio_bounds: Optional[tuple[Any, Any]] = None
+  bound_fallback: bool = True
 
 
-def _tracks_varying_axes() -> bool:
-  """Whether JAX tracks varying axes here (``shard_map(check_vma=True)``).
+def trust_ratio_from_norms(
+    param_norm: chex.Array,
+    update_norm: chex.Array,
+    options: TrustRatioOptions = TrustRatioOptions(),
+    *,
+    gate: Optional[chex.Array] = None,
+) -> chex.Array:
+  r"""The ratios :math:`r` of any number of layers, from their norms.
 
-  Then a value that varies along no axis is replicated along all of them.
-  JAX has no public accessor for this (0.10); without it, assume not.
+  .. math::
+
+    r = \eta\,\phi(\|x\|) / (\|u\| + \epsilon), \quad
+    r = 1 \text{ where } \phi(\|x\|) = 0 \text{ or } \|u\| = 0,
+
+  then clipped to ``options.trust_ratio_bounds`` (the fallback 1 too unless
+  ``bound_fallback=False``), and 1 wherever ``gate`` (a traced bool scalar:
+  apex's and timm's "the decay is non-zero") is False.
+
+  Args:
+    param_norm: :math:`\|x\|` of each layer, any shape.
+    update_norm: :math:`\|u\|`, the same shape.
+    options: The :class:`TrustRatioOptions`.
+    gate: Optional bool scalar; where False every ratio is 1.
+
+  Returns:
+    float32 ratios of the norms' shape.
   """
-  try:
-    from jax._src import config as jax_config  # pylint: disable=g-import-not-at-top
-    return bool(jax_config._check_vma.value)  # pylint: disable=protected-access
-  except (ImportError, AttributeError):
-    return False
+  phi = param_norm
+  if options.param_norm_bounds is not None:
+    lo, hi = options.param_norm_bounds
+    phi = jnp.clip(phi, lo, hi)
+  computed = (phi > 0) & (update_norm > 0)
+  ratio = (options.trust_coefficient * phi
+           / jnp.where(computed, update_norm + options.eps, 1.0))
+  bounds = options.trust_ratio_bounds
+  if options.bound_fallback or bounds is None:
+    ratio = jnp.where(computed, ratio, 1.0)
+    if bounds is not None:
+      ratio = jnp.clip(ratio, bounds[0], bounds[1])
+  else:
+    ratio = jnp.where(computed, jnp.clip(ratio, bounds[0], bounds[1]), 1.0)
+  if gate is not None:
+    ratio = jnp.where(gate, ratio, 1.0)
+  return ratio.astype(jnp.float32)
 
 
-def _varying_axes(value: chex.Array) -> frozenset[str]:
-  """The mesh axes ``value`` varies along, where JAX tracks them."""
-  aval = jax.typeof(value)
-  vma = getattr(aval, "vma", None)
-  if vma is None:
-    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", None)
-  return frozenset(vma or ())
+def layer_shape(x: chex.Array, spec: LeafSpec) -> tuple[int, ...]:
+  """The shape of a leaf's ratios: that of its layer axes."""
+  return tuple(x.shape[i] for i in spec.layer_axes)
+
+
+def initial_ratios(params: Any, specs: Any) -> Any:
+  """Ones of the layer axes' shape for every leaf (the state before a step)."""
+  return jax.tree.map(
+      lambda x, spec: jnp.ones(layer_shape(x, spec), jnp.float32),
+      params, specs)
 
 
 def expand_ratio(ratio: chex.Array, ndim: int,
@@ -108,40 +171,78 @@ def expand_ratio(ratio: chex.Array, ndim: int,
       ratio, tuple(i for i in range(ndim) if i not in layer_axes))
 
 
-def initial_ratios(params: Any, layer_axes: layers.LayerAxesArg) -> Any:
-  """Ones of the layer axes' shape for every leaf (the state before a step)."""
-  flat, treedef = jax.tree.flatten(params)
-  flat_axes = layers.resolve_layer_axes(layer_axes, params)
-  return treedef.unflatten([
-      jnp.ones([x.shape[i] for i in axes], jnp.float32)
-      for x, axes in zip(flat, flat_axes)])
-
-
-def check_ratio(ratio: chex.Array, leaf: chex.Array,
-                layer_axes: tuple[int, ...]) -> None:
-  """chex checks: one float32 ratio per layer of ``leaf``."""
-  chex.assert_shape(ratio, tuple(leaf.shape[i] for i in layer_axes))
-  chex.assert_type(ratio, jnp.float32)
-
-
-def trust_ratio_from_norms(
-    param_norm: chex.Array,
-    update_norm: chex.Array,
+def scale_updates(
+    updates: Any,
+    params: Any,
+    specs: Any,
+    options: TrustRatioOptions = TrustRatioOptions(),
     *,
-    trust_coefficient: Any = 1.0,
-    eps: Any = 0.0,
-    param_norm_bounds: Optional[tuple[float, float]] = None,
-    trust_ratio_bounds: Optional[tuple[float, float]] = None,
-) -> chex.Array:
-  r"""The ratio :math:`r` from the norms (see :func:`scale_by_trust_ratio`)."""
-  phi = param_norm
-  if param_norm_bounds is not None:
-    phi = jnp.clip(phi, param_norm_bounds[0], param_norm_bounds[1])
-  ratio = trust_coefficient * phi / (update_norm + eps)
-  ratio = jnp.where((phi > 0) & (update_norm > 0), ratio, 1.0)
-  if trust_ratio_bounds is not None:
-    ratio = jnp.clip(ratio, trust_ratio_bounds[0], trust_ratio_bounds[1])
-  return ratio.astype(jnp.float32)
+    gate: Optional[chex.Array] = None,
+    param_decay: Optional[chex.Array] = None,
+) -> tuple[Any, Any]:
+  r"""The engine: every layer's update times its trust ratio.
+
+  Args:
+    updates: The incoming updates :math:`u` (the params' structure).
+    params: The parameters :math:`x`.
+    specs: A params-shaped tree of :class:`LeafSpec` (:func:`leaf_specs`).
+    options: The :class:`TrustRatioOptions` of every ratio.
+    gate: Optional traced bool scalar: where False every ratio is 1.
+    param_decay: Optional scalar :math:`s`: on leaves whose spec has
+      ``decay``, :math:`\phi` is the norm of :math:`x - s x` (Keras'
+      decoupled decay, applied before the ratio).
+
+  Returns:
+    ``(scaled updates, ratios)``: the updates in their dtypes, and a
+    params-shaped tree of float32 ratios (the layer axes' shapes; 1 where
+    the ratio does not apply).
+  """
+  def param_for_norm(x, spec):
+    if param_decay is None or not spec.decay:
+      return x
+    x = numerics.upcast(x)
+    return x - x * jnp.asarray(param_decay).astype(x.dtype)
+
+  def leaf(u, x, spec):
+    if not spec.adapt:
+      return u, jnp.ones(layer_shape(x, spec), jnp.float32)
+    ratio = trust_ratio_from_norms(
+        jnp.sqrt(numerics.squared_norms(param_for_norm(x, spec),
+                                        spec.layer_axes, spec.axis_names)),
+        jnp.sqrt(numerics.squared_norms(u, spec.layer_axes,
+                                        spec.axis_names)),
+        options, gate=gate)
+    chex.assert_shape(ratio, layer_shape(x, spec))
+    cdt = numerics.compute_dtype(u.dtype)
+    scale = expand_ratio(ratio.astype(cdt), u.ndim, spec.layer_axes)
+    return (u.astype(cdt) * scale).astype(u.dtype), ratio
+
+  out = jax.tree.map(leaf, updates, params, specs)
+  return jax.tree.transpose(jax.tree.structure(params),
+                            jax.tree.structure((0, 0)), out)
+
+
+def trust_ratio_transform(
+    specs_fn: Callable[[Any], Any],
+    options: TrustRatioOptions,
+) -> optax.GradientTransformation:
+  """The engine as a transform; ``specs_fn(params)`` gives the spec tree."""
+
+  def init_fn(params):
+    validation.check_float_leaves(params, "params")
+    return ScaleByTrustRatioState(
+        trust_ratios=initial_ratios(params, specs_fn(params)))
+
+  def update_fn(updates, state, params=None):
+    del state
+    validation.check_params_present(params, "scale_by_trust_ratio")
+    validation.check_float_leaves(params, "params")
+    validation.check_float_leaves(updates, "updates")
+    validation.check_updates_match_params(updates, params)
+    scaled, ratios = scale_updates(updates, params, specs_fn(params), options)
+    return scaled, ScaleByTrustRatioState(trust_ratios=ratios)
+
+  return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_trust_ratio(
@@ -230,98 +331,31 @@ def scale_by_trust_ratio(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  return trust_ratio_transform(
-      trust_coefficient=trust_coefficient, eps=eps,
-      param_norm_bounds=param_norm_bounds,
-      trust_ratio_bounds=trust_ratio_bounds, mask=mask, mask_name="mask",
-      layer_axes=layer_axes, axis_name=axis_name)
+  return trust_ratio_from_arguments(
+      mask=mask, mask_name="mask", trust_coefficient=trust_coefficient,
+      eps=eps, param_norm_bounds=param_norm_bounds,
+      trust_ratio_bounds=trust_ratio_bounds, layer_axes=layer_axes,
+      axis_name=axis_name)
 
 
-def trust_ratio_transform(*, trust_coefficient, eps, param_norm_bounds,
-                          trust_ratio_bounds, mask, mask_name,
-                          layer_axes=None, axis_name=None):
-  """:func:`scale_by_trust_ratio`, naming its mask ``mask_name`` in errors."""
+def trust_ratio_from_arguments(
+    *, mask: validation.MaskArg, mask_name: str,
+    trust_coefficient: float = 1.0, eps: float = 0.0,
+    param_norm_bounds: Optional[tuple[float, float]] = None,
+    trust_ratio_bounds: Optional[tuple[float, float]] = None,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None) -> optax.GradientTransformation:
+  """Checks a public function's trust-ratio arguments (its mask is called
+  ``mask_name`` there) and builds the engine's transform."""
   validation.check_non_negative("trust_coefficient", trust_coefficient)
   validation.check_non_negative("eps", eps)
-  param_norm_bounds = validation.check_bounds(
-      "param_norm_bounds", param_norm_bounds)
-  trust_ratio_bounds = validation.check_bounds(
-      "trust_ratio_bounds", trust_ratio_bounds)
-
-  def init_fn(params):
-    validation.check_float_leaves(params, "params")
-    validation.check_masks(params, **{mask_name: mask})
-    layers.resolve_axis_names(axis_name, params)
-    return ScaleByTrustRatioState(
-        trust_ratios=initial_ratios(params, layer_axes))
-
-  def update_fn(updates, state, params=None):
-    validation.check_params_present(params, "scale_by_trust_ratio")
-    validation.check_same_structure(params, updates, "updates")
-    validation.check_float_leaves(params, "params")
-    validation.check_float_leaves(updates, "updates")
-    treedef = jax.tree.structure(params)
-    flat_params = treedef.flatten_up_to(params)
-    flat_updates = treedef.flatten_up_to(updates)
-    flat_mask = validation.resolve_mask(mask, params, mask_name)
-    flat_axes = layers.resolve_layer_axes(layer_axes, params)
-    flat_names = layers.resolve_axis_names(axis_name, params)
-
-    new_updates, ratios = [], []
-    for u, x, adapt, axes, names in zip(flat_updates, flat_params, flat_mask,
-                                        flat_axes, flat_names):
-      if not adapt:
-        new_updates.append(u)
-        ratios.append(jnp.ones([x.shape[i] for i in axes], jnp.float32))
-        continue
-      param_norm = jnp.sqrt(layer_squared_norms(x, axes, names))
-      update_norm = jnp.sqrt(layer_squared_norms(u, axes, names))
-      ratio = trust_ratio_from_norms(
-          param_norm, update_norm,
-          trust_coefficient=trust_coefficient, eps=eps,
-          param_norm_bounds=param_norm_bounds,
-          trust_ratio_bounds=trust_ratio_bounds)
-      check_ratio(ratio, x, axes)
-      cdt = adam.compute_dtype(u.dtype)
-      scale = expand_ratio(ratio.astype(cdt), u.ndim, axes)
-      new_updates.append((u.astype(cdt) * scale).astype(u.dtype))
-      ratios.append(ratio)
-    return (treedef.unflatten(new_updates),
-            ScaleByTrustRatioState(trust_ratios=treedef.unflatten(ratios)))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-def global_norm(tree: Any, axis_name: layers.AxisNameArg = None) -> chex.Array:
-  """L2 norm of a whole pytree in (at least) float32, each leaf's squared norm
-  first summed over its mesh axes (``axis_name``, as in
-  :func:`scale_by_trust_ratio`)."""
-  names = layers.resolve_axis_names(axis_name, tree)
-  return jnp.sqrt(sum(layer_squared_norms(g, (), n)
-                      for g, n in zip(jax.tree.leaves(tree), names)))
-
-
-def clip_by_global_norm(max_norm: float,
-                        axis_name: layers.AxisNameArg = None
-                        ) -> optax.GradientTransformation:
-  """:func:`optax.clip_by_global_norm`, with the norm summed over mesh axes.
-
-  Without ``axis_name`` this is :func:`optax.clip_by_global_norm` itself.
-  With it (``shard_map``), each leaf's squared norm is first summed over its
-  mesh axes (see :func:`scale_by_trust_ratio`), so every device clips by the
-  norm of the whole gradient.
-  """
-  if axis_name is None:
-    return optax.clip_by_global_norm(max_norm)
-
-  def update_fn(updates, state, params=None):
-    del params
-    norm = global_norm(updates, axis_name)
-    scale = jnp.where(norm < max_norm, 1.0, max_norm / norm)
-    return jax.tree.map(
-        lambda g: (g.astype(adam.compute_dtype(g.dtype))
-                   * scale.astype(adam.compute_dtype(g.dtype))).astype(g.dtype),
-        updates), state
-
-  return optax.GradientTransformation(
-      lambda params: optax.EmptyState(), update_fn)
+  options = TrustRatioOptions(
+      trust_coefficient=trust_coefficient, eps=eps,
+      param_norm_bounds=validation.check_bounds(
+          "param_norm_bounds", param_norm_bounds),
+      trust_ratio_bounds=validation.check_bounds(
+          "trust_ratio_bounds", trust_ratio_bounds))
+  specs_fn = functools.partial(leaf_specs, adapt_mask=mask,
+                               adapt_mask_name=mask_name,
+                               layer_axes=layer_axes, axis_name=axis_name)
+  return trust_ratio_transform(specs_fn, options)

@@ -8,6 +8,7 @@ are only known at run time.
 
 from __future__ import annotations
 
+import math
 import numbers
 import re
 from typing import Any, Callable, Optional, Sequence
@@ -15,6 +16,8 @@ from typing import Any, Callable, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lamb_optax._src import prefix
 
 
 def _concrete_float(value: Any) -> Optional[float]:
@@ -70,6 +73,62 @@ def check_positive(name: str, value: Any) -> None:
     raise ValueError(f"`{name}` must be > 0, got {value!r}.")
 
 
+def check_learning_rate(value: Any, name: str = "learning_rate") -> None:
+  """Raises unless ``value`` is a finite number >= 0 or a schedule.
+
+  None, strings and bools are refused by type (``lamb(None)`` would
+  otherwise climb the gradient at an effective learning rate of 1);
+  negative, NaN and infinite values by value. Schedules and traced values
+  (``optax.inject_hyperparams`` under ``jit``) are only known at run time.
+  """
+  if value is None or isinstance(value, (str, bytes)):
+    raise TypeError(
+        f"`{name}` must be a float >= 0 or an optax schedule (a callable "
+        f"step -> value), got {type(value).__name__} {value!r}.")
+  check_finite_non_negative(name, value)
+
+
+def check_finite_non_negative(name: str, value: Any) -> None:
+  """Raises unless ``value`` is finite and >= 0 (when concrete)."""
+  v = _number(name, value)
+  if v is not None and not (math.isfinite(v) and v >= 0.0):
+    raise ValueError(f"`{name}` must be finite and >= 0, got {value!r}.")
+
+
+def check_bool(name: str, value: Any) -> None:
+  """Raises TypeError unless ``value`` is a Python bool."""
+  if not isinstance(value, bool):
+    raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+
+
+def check_patterns(name: str, patterns: Any) -> Optional[list[str]]:
+  """None or a list/tuple of regex strings (TF's exclusion lists)."""
+  if patterns is None:
+    return None
+  if isinstance(patterns, (str, bytes)) or not isinstance(patterns, Sequence):
+    raise TypeError(
+        f"`{name}` must be None or a list of regex strings, got {patterns!r} "
+        "(TF iterates a plain string character by character: pass "
+        "['bias'], not 'bias').")
+  for p in patterns:
+    if not isinstance(p, str):
+      raise TypeError(f"`{name}` must hold regex strings, got {p!r}.")
+    try:
+      re.compile(p)
+    except re.error as e:
+      raise ValueError(f"`{name}`: invalid regex {p!r}: {e}") from None
+  return list(patterns)
+
+
+def check_ordered(lo_name: str, lo: Any, hi_name: str, hi: Any) -> None:
+  """Raises ValueError if concrete ``lo > hi``."""
+  lo_v, hi_v = _number(lo_name, lo), _number(hi_name, hi)
+  if lo_v is not None and hi_v is not None and lo_v > hi_v:
+    raise ValueError(
+        f"`{lo_name}` must be <= `{hi_name}`, got {lo_name}={lo!r} > "
+        f"{hi_name}={hi!r}.")
+
+
 def check_bounds(name: str, bounds: Any) -> Optional[tuple[float, float]]:
   """Validates an optional ``(lo, hi)`` pair with ``0 <= lo <= hi``.
 
@@ -100,37 +159,6 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         f"`{name}` must be one of {list(choices)!r}, got {value!r}.")
 
 
-def path_str(path: Sequence[Any]) -> str:
-  """Joins a pytree key path as ``'a/b/0/kernel'``."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(str(key.name))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(key.key))
-    else:  # Unknown key types: fall back to their own string form.
-      parts.append(re.sub(r"^[\[\.]|[\]]$", "", str(key)))
-  return "/".join(parts)
-
-
-def param_path_str(path: Sequence[Any]) -> str:
-  """:func:`path_str` without a trailing Flax ``Variable`` attribute.
-
-  ``nnx.state(model, nnx.Param)`` leaves are reached through a
-  ``GetAttrKey('value')``, while ``nnx.Optimizer`` passes pure arrays to
-  ``update``: dropping that attribute gives both the same path.
-  """
-  path = list(path)
-  if (path and isinstance(path[-1], jax.tree_util.GetAttrKey)
-      and path[-1].name in ("value", "raw_value")):
-    path = path[:-1]
-  return path_str(path)
-
-
 def check_float_leaves(tree: Any, name: str) -> None:
   """Raises TypeError naming the first non-floating leaf of ``tree``."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
@@ -138,7 +166,7 @@ def check_float_leaves(tree: Any, name: str) -> None:
     if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
       shown = dtype if dtype is not None else type(leaf).__name__
       raise TypeError(
-          f"`{name}` leaf '{path_str(path) or '<root>'}' has type {shown}; "
+          f"`{name}` leaf '{prefix.path_str(path) or '<root>'}' has type {shown}; "
           "LAMB/LARS need floating-point leaves (float16, bfloat16, float32 "
           "or float64).")
 
@@ -153,42 +181,42 @@ def check_same_structure(reference: Any, other: Any, name: str,
         f"{name} is {other_def}, {reference_name} is {ref_def}.")
 
 
-def resolve_mask(mask: Any, params: Any, name: str) -> list[bool]:
-  """Resolves a mask (tree, prefix tree or callable) to one bool per leaf.
+def check_updates_match_params(updates: Any, params: Any,
+                               name: str = "updates") -> None:
+  """Raises naming the first leaf whose shape or dtype kind differs.
 
-  Returns a flat list aligned with ``jax.tree.leaves(params)``; a mask of
-  None selects every leaf.
+  ``updates`` must have the structure of ``params`` (checked first), and
+  each leaf the shape of its parameter and a floating dtype like it (its
+  precision may differ: bf16 gradients of float32 params are fine).
   """
-  if mask is None:
-    return [True] * len(jax.tree.leaves(params))
-  if callable(mask):
-    mask = mask(params)
-  try:
-    full = jax.tree.map(
-        lambda m, sub: jax.tree.map(lambda _: m, sub), mask, params)
-  except (ValueError, TypeError) as e:
-    raise ValueError(
-        f"`{name}` does not fit the params: it must be a pytree of bools with "
-        f"the structure of the params (or a prefix of it), or a callable "
-        f"returning one. Mask structure: {jax.tree.structure(mask)}; params "
-        f"structure: {jax.tree.structure(params)}.") from e
-  flat = jax.tree.leaves(full)
-  out = []
-  for path, m in jax.tree_util.tree_leaves_with_path(full):
-    if not isinstance(m, (bool, np.bool_)):
+  check_same_structure(params, updates, name)
+  flat_updates = jax.tree.leaves(updates)
+  for (path, x), u in zip(jax.tree_util.tree_leaves_with_path(params),
+                          flat_updates):
+    where = prefix.param_path_str(path) or "<root>"
+    x_shape, u_shape = np.shape(x), np.shape(u)
+    if x_shape != u_shape:
+      raise ValueError(
+          f"`{name}` leaf '{where}' has shape {tuple(u_shape)}, but its "
+          f"parameter has shape {tuple(x_shape)}: gradients must have the "
+          "shapes of the params they were taken with.")
+    x_dtype = getattr(x, "dtype", None)
+    u_dtype = getattr(u, "dtype", None)
+    if x_dtype is None or u_dtype is None:
+      continue  # check_float_leaves names leaves that are not arrays.
+    if (jnp.issubdtype(x_dtype, jnp.floating)
+        != jnp.issubdtype(u_dtype, jnp.floating)):
       raise TypeError(
-          f"`{name}` leaf '{path_str(path)}' must be a Python bool, got "
-          f"{type(m).__name__} {m!r}.")
-    out.append(bool(m))
-  assert len(out) == len(flat)
-  return out
+          f"`{name}` leaf '{where}' has dtype {u_dtype}, but its parameter "
+          f"has dtype {x_dtype}: LAMB/LARS need floating-point gradients "
+          "for floating-point params.")
 
 
 def check_masks(params: Any, **masks: Any) -> None:
   """Resolves each named mask that is not None against ``params``."""
   for name, mask in masks.items():
     if mask is not None:
-      resolve_mask(mask, params, name)
+      prefix.resolve_mask(mask, params, name)
 
 
 def check_params_present(params: Any, transform: str) -> None:
