@@ -11,6 +11,10 @@ fixtures built from them are in conftest.py.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -189,3 +193,21 @@ def trajectory_distance(ref_a, ref_b) -> float:
     if moved > 0:
       worst = max(worst, diff / moved)
   return worst
+
+
+@contextlib.contextmanager
+def example_modules(example_dir, module_names):
+  """Imports an example's top-level modules (it runs as a script, not a
+  package) with its directory first on sys.path, and clears ``module_names``
+  from sys.modules around it, so that another example's ``train`` or
+  ``configs`` is never picked up. Yields ``importlib.import_module``."""
+  saved = {name: sys.modules.pop(name) for name in module_names
+           if name in sys.modules}
+  sys.path.insert(0, str(example_dir))
+  try:
+    yield importlib.import_module
+  finally:
+    sys.path.remove(str(example_dir))
+    for name in module_names:
+      sys.modules.pop(name, None)
+    sys.modules.update(saved)

@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+import helpers
+
 _EXAMPLE = (pathlib.Path(__file__).resolve().parents[1] / "examples" /
             "batch_scaling")
 # Top-level module names of the example (run as a script, not a package);
@@ -22,27 +24,11 @@ _MODULES = ("study", "tasks", "trials", "analysis", "plots", "configs",
 
 @pytest.fixture(scope="module")
 def example():
-  saved = {name: sys.modules.pop(name) for name in _MODULES
-           if name in sys.modules}
-  sys.path.insert(0, str(_EXAMPLE))
-  try:
-    # pylint: disable=import-outside-toplevel
-    import analysis
-    import study
-    import tasks
-    import trials
-    from configs import default as default_config
-    from configs import gpu as gpu_config
-    from configs import test as test_config
-    # pylint: enable=import-outside-toplevel
-    yield {"analysis": analysis, "study": study, "tasks": tasks,
-           "trials": trials, "default": default_config, "gpu": gpu_config,
-           "test": test_config}
-  finally:
-    sys.path.remove(str(_EXAMPLE))
-    for name in _MODULES:
-      sys.modules.pop(name, None)
-    sys.modules.update(saved)
+  with helpers.example_modules(_EXAMPLE, _MODULES) as load:
+    yield {"analysis": load("analysis"), "study": load("study"),
+           "tasks": load("tasks"), "trials": load("trials"),
+           "default": load("configs.default"), "gpu": load("configs.gpu"),
+           "test": load("configs.test")}
 
 
 # ----------------------------------------------------------------------------

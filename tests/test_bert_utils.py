@@ -23,6 +23,8 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
+
 import lamb_optax
 
 _EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "bert"
@@ -34,23 +36,9 @@ _MODULES = ("train", "models", "input_pipeline", "utils", "metrics",
 
 @pytest.fixture(scope="module")
 def bert():
-  saved = {name: sys.modules.pop(name) for name in _MODULES
-           if name in sys.modules}
-  sys.path.insert(0, str(_EXAMPLE))
-  try:
-    # pylint: disable=import-outside-toplevel
-    import metrics
-    import train
-    import utils
-    from configs import test as test_config
-    # pylint: enable=import-outside-toplevel
-    yield dict(train=train, utils=utils, metrics=metrics,
-               test_config=test_config)
-  finally:
-    sys.path.remove(str(_EXAMPLE))
-    for name in _MODULES:
-      sys.modules.pop(name, None)
-    sys.modules.update(saved)
+  with helpers.example_modules(_EXAMPLE, _MODULES) as load:
+    yield dict(train=load("train"), utils=load("utils"),
+               metrics=load("metrics"), test_config=load("configs.test"))
 
 
 def _params():

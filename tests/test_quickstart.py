@@ -2,9 +2,10 @@
 
 import math
 import pathlib
-import sys
 
 import pytest
+
+import helpers
 
 _EXAMPLE = (pathlib.Path(__file__).resolve().parents[1] / "examples" /
             "quickstart")
@@ -17,18 +18,8 @@ _MODULES = ("train", "models", "input_pipeline", "configs", "configs.default",
 
 @pytest.fixture(scope="module")
 def example():
-  saved = {name: sys.modules.pop(name) for name in _MODULES
-           if name in sys.modules}
-  sys.path.insert(0, str(_EXAMPLE))
-  try:
-    import train  # pylint: disable=import-outside-toplevel
-    from configs import test as test_config  # pylint: disable=import-outside-toplevel
-    yield train, test_config
-  finally:
-    sys.path.remove(str(_EXAMPLE))
-    for name in _MODULES:
-      sys.modules.pop(name, None)
-    sys.modules.update(saved)
+  with helpers.example_modules(_EXAMPLE, _MODULES) as load:
+    yield load("train"), load("configs.test")
 
 
 def test_tiny_run_learns(example, tmp_path):
