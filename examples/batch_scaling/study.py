@@ -501,6 +501,19 @@ def _fmt(value: float, metric: str) -> str:
   return f"{value:.3f}" if metric == "accuracy" else f"{value:.3f}"
 
 
+def _markdown_table(batches, opts, cell, steps=None) -> list[str]:
+  """A table with a row per batch and a column per optimizer, ``cell(o, b)``
+  in each cell, and a ``steps`` column after the batch if given."""
+  steps_head, steps_rule = ("steps | ", "---|") if steps else ("", "")
+  rows = ["| batch | " + steps_head + " | ".join(opts) + " |",
+          "|---|" + steps_rule + "---|" * len(opts)]
+  for b in batches:
+    steps_cell = f"{steps(b)} | " if steps else ""
+    rows.append(f"| {b} | " + steps_cell
+                + " | ".join(cell(o, b) for o in opts) + " |")
+  return rows
+
+
 def results_markdown(config, summary: dict[str, Any],
                      figures: dict[str, list[str]]) -> str:
   """The tables of results.md (deterministic: no timings)."""
@@ -524,53 +537,47 @@ def results_markdown(config, summary: dict[str, Any],
             f"in brackets. Warmup: {task['warmup_steps']} steps at every batch "
             f"(LEGW). tau floor {task['tolerance_floor']}.", ""]
     for arm in ("tuned", "transfer"):
+      def final(o, b, arm=arm):
+        s = task["cells"][arm][o][b]
+        div = f", {s['diverged']} diverged" if s["diverged"] else ""
+        return (f"{_fmt(s['mean'], metric)} ± "
+                f"{_fmt(s['se'], metric)} ({s['lr']:.3g}{div})")
+
       out += [f"**{arm}**" + (" (base best x sqrt(B/B0), no tuning)"
                               if arm == "transfer" else
                               " (best of the grid by the selection-seed mean)"),
-              "", "| batch | steps | " + " | ".join(opts) + " |",
-              "|---|---|" + "---|" * len(opts)]
-      for b in batches:
-        cells = []
-        for o in opts:
-          s = task["cells"][arm][o][b]
-          div = f", {s['diverged']} diverged" if s["diverged"] else ""
-          cells.append(f"{_fmt(s['mean'], metric)} ± "
-                       f"{_fmt(s['se'], metric)} ({s['lr']:.3g}{div})")
-        steps = task["cell_info"][opts[0]][b]["steps"]
-        out.append(f"| {b} | {steps} | " + " | ".join(cells) + " |")
+              ""]
+      out += _markdown_table(
+          batches, opts, final,
+          steps=lambda b: task["cell_info"][opts[0]][b]["steps"])
       out.append("")
     out += [f"**Steps to target** ({metric} {'>=' if task['higher_is_better'] else '<='} "
             f"{task['target']:.4f}; median over seeds, censored seeds "
             "count as never; `censored` when the median never reaches it; "
-            "tuned / transfer)", "",
-            "| batch | " + " | ".join(opts) + " |",
-            "|---|" + "---|" * len(opts)]
-    for b in batches:
-      cells = []
-      for o in opts:
-        parts = []
-        for arm in ("tuned", "transfer"):
-          s = task["cells"][arm][o][b]
-          m = s["median_steps_to_target"]
-          n_cens = sum(v is None for v in s["steps_to_target"])
-          text = "censored" if m is None else f"{m:.0f}"
-          if n_cens and m is not None:
-            text += f" ({n_cens} censored)"
-          parts.append(text)
-        cells.append(" / ".join(parts))
-      out.append(f"| {b} | " + " | ".join(cells) + " |")
+            "tuned / transfer)", ""]
+
+    def steps_to_target(o, b):
+      parts = []
+      for arm in ("tuned", "transfer"):
+        s = task["cells"][arm][o][b]
+        m = s["median_steps_to_target"]
+        n_cens = sum(v is None for v in s["steps_to_target"])
+        text = "censored" if m is None else f"{m:.0f}"
+        if n_cens and m is not None:
+          text += f" ({n_cens} censored)"
+        parts.append(text)
+      return " / ".join(parts)
+
+    def budget(o, b):
+      i = task["cell_info"][o][b]
+      return (f"{i['grid_trials']} + {i['extensions']} ext"
+              + (" !" if i["edge_unresolved"] else ""))
+
+    out += _markdown_table(batches, opts, steps_to_target)
     out += ["", "**Tuning budget** (trials per cell: grid + edge "
             "extensions, then the report seeds; `!` = best still on an edge "
-            "after the last extension)", "",
-            "| batch | " + " | ".join(opts) + " |",
-            "|---|" + "---|" * len(opts)]
-    for b in batches:
-      cells = []
-      for o in opts:
-        i = task["cell_info"][o][b]
-        cells.append(f"{i['grid_trials']} + {i['extensions']} ext"
-                     + (" !" if i["edge_unresolved"] else ""))
-      out.append(f"| {b} | " + " | ".join(cells) + " |")
+            "after the last extension)", ""]
+    out += _markdown_table(batches, opts, budget)
     total_ext = sum(task["cell_info"][o][b]["extensions"]
                     for o in opts for b in batches)
     out += ["", f"Edge extensions in all: " + ", ".join(
