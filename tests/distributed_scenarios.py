@@ -323,7 +323,7 @@ def shard_map_state_specs(tx, mesh, specs, stage_axis=None):
   if stage_axis is not None:
     def fix(path, spec):
       keys = [getattr(k, "name", getattr(k, "key", None)) for k in path]
-      if "trust_ratios" in keys and "blocks" in keys:
+      if "layer_ratios" in keys and "blocks" in keys:
         return P(stage_axis)
       return spec
     state_specs = jax.tree_util.tree_map_with_path(fix, state_specs)

@@ -273,9 +273,13 @@ def test_state_shardings_places_moments_like_params():
   assert adam_sh.mu == param_sh and adam_sh.nu == param_sh
   replicated = NamedSharding(mesh, P())
   assert adam_sh.count == replicated
-  # Per-layer ratios (shape (3,)) and per-leaf scalars: replicated.
-  assert shardings[3].trust_ratios == {"stack": replicated, "w": replicated,
-                                       "s": replicated}
+  # Per-layer ratios (shape (3,)), the ratio vector and the slots:
+  # replicated.
+  trust_sh = shardings[3]
+  assert trust_sh.ratios == replicated
+  assert trust_sh.layer_ratios == {"stack": replicated, "w": None,
+                                   "s": None}
+  assert trust_sh.slots == {"stack": None, "w": replicated, "s": replicated}
   # Used as out_shardings of the jitted init, on real arrays.
   real = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
   state = jax.jit(tx.init, out_shardings=shardings)(real)
@@ -298,7 +302,8 @@ def test_state_shardings_with_masked_state_and_single_leaf():
   shardings = state_shardings(tx, jnp.ones((4, 3)), sharding)
   assert shardings[1].ema == sharding
   assert shardings[1].count == NamedSharding(mesh, P())
-  assert shardings[2].trust_ratios == NamedSharding(mesh, P())
+  assert shardings[2].ratios == NamedSharding(mesh, P())
+  assert shardings[2].slots == NamedSharding(mesh, P())
 
 
 def test_state_shardings_zero_axis_on_one_device_mesh():

@@ -54,6 +54,13 @@ def psum_over(value: chex.Array, axis_name: tuple[str, ...]) -> chex.Array:
   without that tracking (``check_vma=False``, ``pmap``) it cannot tell. An
   axis name that is not bound gets an error that names ``axis_name``.
   """
+  check_summable(value, axis_name)
+  return jax.lax.psum(value, axis_name)
+
+
+def check_summable(value: chex.Array, axis_name: tuple[str, ...]) -> None:
+  """The checks of :func:`psum_over`, on ``value`` (or any array that varies
+  along the same mesh axes), without the sum."""
   for name in axis_name:
     try:
       jax.lax.axis_size(name)
@@ -72,4 +79,3 @@ def psum_over(value: chex.Array, axis_name: tuple[str, ...]) -> chex.Array:
             "summing its squared norm over that axis would count it once "
             f"per device. Leave {name!r} out for this leaf (see "
             "lamb_optax.axis_names_from_specs).")
-  return jax.lax.psum(value, axis_name)

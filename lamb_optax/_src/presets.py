@@ -111,8 +111,7 @@ def _scale_by_peer_trust_ratio(
     validation.check_float_leaves(params, "params")
     return PeerTrustRatioState(
         count=jnp.zeros([], jnp.int32),
-        trust=trust_ratio.ScaleByTrustRatioState(
-            trust_ratios=trust_ratio.initial_ratios(params, specs_fn(params))))
+        trust=trust_ratio.initial_state(params, specs_fn(params)))
 
   def update_fn(updates, state, params=None):
     validation.check_params_present(params, "the trust ratio")
@@ -124,12 +123,11 @@ def _scale_by_peer_trust_ratio(
     if decoupled_decay is not None:
       lr, wd, _ = decoupled_decay
       param_decay = jnp.asarray(_at(lr, count)) * jnp.asarray(_at(wd, count))
-    scaled, ratios = trust_ratio.scale_updates(
-        updates, params, specs_fn(params), options, gate=gate,
+    scaled, trust = trust_ratio.scale_updates(
+        updates, params, specs_fn(params), state.trust, options, gate=gate,
         param_decay=param_decay)
     return scaled, PeerTrustRatioState(
-        count=optax.safe_int32_increment(count),
-        trust=trust_ratio.ScaleByTrustRatioState(trust_ratios=ratios))
+        count=optax.safe_int32_increment(count), trust=trust)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
