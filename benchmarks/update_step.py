@@ -29,6 +29,7 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -220,11 +221,42 @@ def _memory(compiled: Any) -> dict[str, Optional[int]]:
           for f in fields}
 
 
+def kernel_counts(hlo_text: str) -> dict[str, Optional[int]]:
+  """Kernels of a compiled executable: its top-level fusions, and how many
+  of them are distinct once names and metadata are stripped.
+
+  XLA:CPU compiles each distinct fusion once and reuses it for identical
+  ones, so compile time grows with both numbers (about 2 ms per kernel and
+  25 ms per distinct kernel on the 2-core machine of docs/performance.md).
+  """
+  bodies: dict[str, list[str]] = {}
+  current = None
+  for line in hlo_text.splitlines():
+    header = re.match(r"^%?(\S+) \(.*\) -> .* \{$", line)
+    if header and not line.startswith("ENTRY"):
+      current = header.group(1)
+      bodies[current] = []
+    elif line.startswith("}"):
+      current = None
+    elif current is not None:
+      body = re.sub(r", metadata=\{[^}]*\}", "", line)
+      bodies[current].append(re.sub(r"%[\w.\-]+", "%v", body).strip())
+  if "ENTRY" not in hlo_text:
+    return {"kernels": None, "distinct_kernels": None}
+  called = re.findall(r" fusion\(.*?calls=%?([\w.\-]+)",
+                      hlo_text[hlo_text.index("ENTRY"):])
+  return {"kernels": len(called),
+          "distinct_kernels": len({"\n".join(bodies.get(c, [c]))
+                                   for c in called})}
+
+
 def time_compile(make_opt: Callable[[], optax.GradientTransformation],
                  shapes: Any, repeats: int) -> dict[str, Any]:
-  """Trace + lower + compile times from scratch (fresh jit, cleared caches)."""
+  """Trace + lower + compile times from scratch (fresh jit, cleared caches),
+  and the :func:`kernel_counts` of the executable."""
   params = abstract_params(shapes)
   lower_s, compile_s, total_s = [], [], []
+  compiled = None
   for _ in range(repeats):
     jax.clear_caches()
     opt = make_opt()
@@ -234,7 +266,7 @@ def time_compile(make_opt: Callable[[], optax.GradientTransformation],
     t0 = time.perf_counter()
     lowered = jitted.lower(params, state, grads)
     t1 = time.perf_counter()
-    lowered.compile()
+    compiled = lowered.compile()
     t2 = time.perf_counter()
     lower_s.append(t1 - t0)
     compile_s.append(t2 - t1)
@@ -244,6 +276,7 @@ def time_compile(make_opt: Callable[[], optax.GradientTransformation],
       "trace_lower_median_s": statistics.median(lower_s),
       "xla_compile_median_s": statistics.median(compile_s),
       "all_s": total_s,
+      **kernel_counts(compiled.as_text()),
   }
 
 
@@ -394,15 +427,17 @@ def markdown(result: dict[str, Any]) -> str:
       "tree.",
       "",
       "| optimizer | step ms | x adamw | compile s "
-      f"({cfg['compile_layers']} layers) | x adamw | bytes accessed / param "
-      "| temp bytes / param |",
-      "|---|---:|---:|---:|---:|---:|---:|",
+      f"({cfg['compile_layers']} layers) | x adamw | kernels (distinct) "
+      "| bytes accessed / param | temp bytes / param |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
   for name, row in result["optimizers"].items():
     lines.append(
         f"| {name} | {row['step_ms_median']:.2f} | "
         f"{row['step_x_adamw']:.2f} | {row['compile_s_median']:.2f} | "
         f"{row['compile_x_adamw']:.2f} | "
+        f"{_fmt(row['compile_kernels'], 'd')} "
+        f"({_fmt(row['compile_distinct_kernels'], 'd')}) | "
         f"{_fmt(row['bytes_accessed_per_param'], '.1f')} | "
         f"{_fmt(row['temp_size_in_bytes_per_param'], '.2f')} |")
   lines += ["", "Minor page faults per step (fresh temporaries touched "
@@ -500,6 +535,8 @@ def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
         "compile_xla_s_median": compile_times[name]["xla_compile_median_s"],
         "compile_s_all": compile_times[name]["all_s"],
         "compile_x_adamw": compile_times[name]["median_s"] / base_compile,
+        "compile_kernels": compile_times[name]["kernels"],
+        "compile_distinct_kernels": compile_times[name]["distinct_kernels"],
         **analyses[name],
     }
   return rows

@@ -89,6 +89,7 @@ def test_quick_run_writes_every_optimizer(update_step, tmp_path, capsys):
                 "compile_x_adamw"):
       assert math.isfinite(row[key]) and row[key] > 0, (name, key, row[key])
     assert len(row["step_ms_all"]) == 2
+    assert row["compile_kernels"] >= row["compile_distinct_kernels"] >= 1
     assert row["params_finite_after_run"], name
   assert result["optimizers"]["optax.adamw"]["step_x_adamw"] == 1.0
   scanned = result["optimizers"]["optax.adamw [scanned]"]
@@ -100,3 +101,19 @@ def test_quick_run_writes_every_optimizer(update_step, tmp_path, capsys):
   table = capsys.readouterr().out
   for name in EXPECTED_OPTIMIZERS:
     assert f"| {name} |" in table
+
+
+def test_kernel_counts_tell_identical_kernels_from_distinct_ones(update_step):
+  """Five leaves of one shape through one expression are five kernels but
+  one distinct kernel; with a different constant per leaf, five distinct."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  xs = [jax.ShapeDtypeStruct((64, 64), jnp.float32)] * 5
+
+  def counts(fn):
+    return update_step.kernel_counts(jax.jit(fn).lower(xs).compile().as_text())
+
+  same = counts(lambda xs: [jnp.tanh(x) * 2.0 + 1.0 for x in xs])
+  differ = counts(lambda xs: [jnp.tanh(x) * (2.0 + i) + 1.0
+                              for i, x in enumerate(xs)])
+  assert same == {"kernels": 5, "distinct_kernels": 1}
+  assert differ == {"kernels": 5, "distinct_kernels": 5}

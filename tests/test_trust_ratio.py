@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lamb_optax
+from lamb_optax._src import trust_ratio as trust_ratio_src
 import reference
 from helpers import ZERO_LAYER, flat_mask, make_params, to_numpy64
 
@@ -238,3 +240,138 @@ def test_zero_layer_fixture_gets_ratio_one(params, paths):
   _, state = tx.update(_updates_like(params), tx.init(params), params)
   ratios = jax.tree.leaves(lamb_optax.trust_ratios(state))
   assert float(ratios[paths.index(ZERO_LAYER)]) == 1.0
+
+
+# --------------------------------------------------------------------------
+# The engine's layout: small leaves reduced together by shape, every ratio of
+# a one-layer leaf in one vector op, each step reading it through its slot.
+# --------------------------------------------------------------------------
+
+SMALL = trust_ratio_src.SMALL_LEAF_SIZE
+
+
+def _grouping_tree():
+  """Small leaves that share shapes (across dtypes), two leaves just above
+  the small-leaf size, a scalar and a zero leaf, interleaved in leaf order."""
+  rng = np.random.default_rng(7)
+  big = (SMALL // 64 + 1, 64)  # SMALL + 64 elements: reduced on its own.
+  specs = {
+      "a_bias": ((768,), jnp.float32, 0.3),
+      "b_big": (big, jnp.float32, 1.0),
+      "c_bias": ((768,), jnp.bfloat16, 2.0),
+      "d_scale": ((768,), jnp.float32, 0.01),
+      "e_small": ((4, 2), jnp.float32, 5.0),
+      "f_big": (big, jnp.float32, 0.02),
+      "g_small": ((4, 2), jnp.float32, 0.1),
+      "h_scalar": ((), jnp.float32, 1.5),
+      "i_zero": ((768,), jnp.float32, 0.0),
+  }
+  params = {k: jnp.asarray(s * rng.standard_normal(shape), dt)
+            for k, (shape, dt, s) in specs.items()}
+  updates = {k: jnp.asarray(10.0 ** rng.uniform(-3, 3)
+                            * rng.standard_normal(shape), dt)
+             for k, (shape, dt, _) in specs.items()}
+  return params, updates
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_small_leaves_and_single_leaves_match_reference(masked):
+  params, updates = _grouping_tree()
+  assert np.size(params["b_big"]) > SMALL >= np.size(params["a_bias"])
+  mask = ({k: k not in ("c_bias", "f_big") for k in params} if masked
+          else None)
+  tx = lamb_optax.scale_by_trust_ratio(mask=mask)
+  scaled, state = jax.jit(tx.update)(updates, tx.init(params), params)
+  ratios = lamb_optax.trust_ratios(state)
+  for key in params:
+    x, u = np.asarray(params[key], np.float64), np.asarray(updates[key],
+                                                           np.float64)
+    want = (1.0 if mask and not mask[key] else
+            reference.trust_ratio(reference.norm(x), reference.norm(u))[0])
+    np.testing.assert_allclose(float(ratios[key]), want, rtol=1e-6,
+                               err_msg=key)
+    assert scaled[key].dtype == updates[key].dtype, key
+    tol = 8e-3 if updates[key].dtype == jnp.bfloat16 else 2e-6
+    np.testing.assert_allclose(np.asarray(scaled[key], np.float64), want * u,
+                               rtol=tol, atol=1e-30, err_msg=key)
+  assert float(ratios["i_zero"]) == 1.0  # ||x|| = 0: r = 1.
+
+
+def _count(jaxpr, primitive: str) -> int:
+  """Equations of ``primitive`` in a jaxpr, sub-jaxprs included."""
+  n = 0
+  for eqn in jaxpr.eqns:
+    n += eqn.primitive.name == primitive
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      n += _count(sub, primitive)
+  return n
+
+
+@pytest.mark.parametrize("copies", [1, 20])
+def test_every_ratio_is_one_vector_op_and_small_norms_one_reduction_per_shape(
+    copies):
+  """However many leaves: one division (the ratio formula, on a vector) and
+  one reduction of x and of u per small-leaf shape and per large leaf."""
+  rng = np.random.default_rng(0)
+  params = {}
+  for i in range(copies):
+    params[f"layer_{i:02d}"] = {
+        "bias": jnp.asarray(rng.standard_normal(768), jnp.float32),
+        "kernel": jnp.asarray(rng.standard_normal((96, 96)), jnp.float32),
+        "scale": jnp.asarray(rng.standard_normal(3072), jnp.float32)}
+  params["embed"] = jnp.asarray(rng.standard_normal((70, 64)), jnp.float32)
+  tx = lamb_optax.scale_by_trust_ratio()
+  jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
+  assert 96 * 96 > SMALL >= 3072 and 70 * 64 > SMALL
+  big = 1 + copies  # embed and every kernel, each reduced on its own.
+  groups = 2  # All the (768,) leaves together, all the (3072,) leaves.
+  assert _count(jaxpr, "div") == 1
+  assert _count(jaxpr, "sqrt") == 2
+  assert _count(jaxpr, "reduce_sum") == 2 * (groups + big)
+
+
+def test_the_step_reads_its_ratio_through_the_state_slot():
+  """The slot in the state is what each leaf's step reads: exchange two
+  slots and the two leaves exchange ratios (so the index is live state, not
+  a constant folded into the step)."""
+  params = {"a": jnp.full((3,), 2.0), "b": jnp.full((3,), 8.0),
+            "c": jnp.full((2, 2), 1.0)}
+  updates = jax.tree.map(jnp.ones_like, params)
+  tx = lamb_optax.scale_by_trust_ratio()
+  state = tx.init(params)
+  assert [int(s) for s in jax.tree.leaves(state.slots)] == [0, 1, 2]
+  assert state.ratios.shape == (3,) and state.ratios.dtype == jnp.float32
+  step = jax.jit(tx.update)
+  scaled, _ = step(updates, state, params)
+  np.testing.assert_allclose(np.asarray(scaled["a"]), 2.0 * np.ones(3))
+  np.testing.assert_allclose(np.asarray(scaled["b"]), 8.0 * np.ones(3))
+  swapped = state._replace(slots={"a": state.slots["b"],
+                                  "b": state.slots["a"],
+                                  "c": state.slots["c"]})
+  scaled, new_state = step(updates, swapped, params)
+  np.testing.assert_allclose(np.asarray(scaled["a"]), 8.0 * np.ones(3))
+  np.testing.assert_allclose(np.asarray(scaled["b"]), 2.0 * np.ones(3))
+  np.testing.assert_allclose(np.asarray(scaled["c"]), np.ones((2, 2)))
+
+
+def test_state_layout():
+  """ratios: one float32 per one-layer leaf; slots: int32 scalars for those
+  leaves (None for stacked ones); layer_ratios: a per-leaf array of the
+  layer axes' shape for stacked leaves (None for the others)."""
+  params = {"stack": jnp.ones((3, 4, 2)), "w": jnp.ones((4, 2)),
+            "s": jnp.ones(())}
+  tx = lamb_optax.scale_by_trust_ratio(layer_axes={"stack": 0, "w": None,
+                                                   "s": None},
+                                       mask={"stack": True, "w": False,
+                                             "s": True})
+  state = tx.init(params)
+  assert state.ratios.shape == (2,)
+  assert state.slots["stack"] is None and state.layer_ratios["w"] is None
+  assert state.slots["w"].dtype == jnp.int32 and state.slots["w"].shape == ()
+  assert state.layer_ratios["stack"].shape == (3,)
+  updates = jax.tree.map(lambda x: 0.5 * x, params)
+  _, state = tx.update(updates, state, params)
+  ratios = lamb_optax.trust_ratios(state)
+  assert jax.tree.structure(ratios) == jax.tree.structure(params)
+  np.testing.assert_allclose(np.asarray(ratios["stack"]), 2.0 * np.ones(3))
+  assert float(ratios["w"]) == 1.0 and float(ratios["s"]) == 2.0
