@@ -405,8 +405,36 @@ def test_store_direction_state_is_the_chain_state_plus_u(params, grads_seq):
       np.testing.assert_allclose(np.asarray(x, np.float64),
                                  np.asarray(y, np.float64), rtol=2e-5,
                                  atol=1e-12)
-    assert (jax.tree.map(lambda x: (x.shape, x.dtype), a[3].direction)
-            == jax.tree.map(lambda x: (x.shape, x.dtype), params))
+    # u is stored for the leaves that get a ratio, and only for them.
+    adapted = flat_mask(TRUST_MASK, params)
+    assert not all(adapted) and any(adapted)
+    stored_leaves = jax.tree.structure(params).flatten_up_to(a[3].direction)
+    for buffer, x, adapt in zip(stored_leaves, jax.tree.leaves(params),
+                                adapted):
+      if adapt:
+        assert (buffer.shape, buffer.dtype) == (np.shape(x), x.dtype)
+      else:
+        assert buffer is None
+
+
+def test_store_direction_stores_only_leaves_with_a_ratio(params, grads_seq):
+  """Leaves outside trust_ratio_mask read their update once: no buffer, and
+  the same numbers as storing every leaf."""
+  mask = lambda p: jax.tree.map(lambda x: np.ndim(x) >= 2, p)
+  masked = lamb_optax.lamb(LR, weight_decay=0.01, trust_ratio_mask=mask,
+                           store_direction=True)
+  plain = lamb_optax.lamb(LR, weight_decay=0.01, trust_ratio_mask=mask)
+  state = masked.init(params)
+  direction = _stored(state)
+  n_stored = len(jax.tree.leaves(direction))
+  assert 0 < n_stored < len(jax.tree.leaves(params))
+  assert n_stored == sum(flat_mask(mask, params))
+  got, got_ratios, _ = run_optimizer(masked, params, grads_seq[:4], jit=True)
+  want, want_ratios, _ = run_optimizer(plain, params, grads_seq[:4], jit=True)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  for g, w in zip(jax.tree.leaves(got_ratios), jax.tree.leaves(want_ratios)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 
 
 def _jitted_step_temp_bytes(opt, params):

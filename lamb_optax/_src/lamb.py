@@ -76,7 +76,7 @@ def lamb(
         optax.clip_by_global_norm(max_grad_norm),   # only if set
         lamb_optax.scale_by_adam(b1, b2, eps, eps_root, ...),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
-        lamb_optax.store_in_state(),        # only if store_direction=True
+        lamb_optax.store_in_state(trust_ratio_mask),  # if store_direction
         lamb_optax.scale_by_trust_ratio(mask=trust_ratio_mask, ...),
         optax.scale_by_learning_rate(learning_rate),
     )
@@ -95,9 +95,10 @@ def lamb(
   :math:`\|x_{t+1}-x_t\| = \eta_t\,r_t\|u_t\|` holds by construction
   in both (:math:`u_t` is computed once). The cost is memory: one more
   params-shaped array of state (4 bytes per float32 parameter, 438 MB on
-  BERT-base) held between steps, where the default's temporary lives only
-  during the step. The state layout depends on this argument only, never on
-  the backend: a checkpoint restores on any backend into an optimizer built
+  BERT-base; only leaves in ``trust_ratio_mask`` are stored) held between
+  steps, where the default's temporary lives only during the step. The
+  state layout depends on this argument only, never on the backend: a
+  checkpoint restores on any backend into an optimizer built
   with the same ``store_direction``.
 
   Args:
@@ -182,7 +183,7 @@ def lamb(
   if max_grad_norm is not None:
     parts.insert(0, clipping.clip_by_global_norm(max_grad_norm, axis_name))
   if store_direction:
-    parts.append(stored_direction.store_in_state())
+    parts.append(stored_direction.store_in_state(mask=trust_ratio_mask))
   parts += [trust_tx, optax.scale_by_learning_rate(learning_rate)]
   return checked_chain(optax.chain(*parts), name="lamb",
                        weight_decay_mask=weight_decay_mask,

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lamb_optax._src import prefix
 from lamb_optax._src import validation
 
 
@@ -33,14 +34,16 @@ class StoredDirectionState(NamedTuple):
   """The last update that passed through :func:`store_in_state`.
 
   Attributes:
-    direction: A params-shaped tree in the params' dtypes: LAMB's :math:`u`
-      of the last step (zeros before the first).
+    direction: A params-shaped tree: for each stored leaf, LAMB's :math:`u`
+      of the last step in the params' dtype (zeros before the first); None
+      for leaves outside the ``mask`` (their update is passed on as is).
   """
 
   direction: Any
 
 
-def store_in_state() -> optax.GradientTransformation:
+def store_in_state(
+    mask: validation.MaskArg = None) -> optax.GradientTransformation:
   """Passes the updates on through a params-shaped buffer of its state.
 
   The incoming updates are written into the previous buffer with an in-place
@@ -49,23 +52,44 @@ def store_in_state() -> optax.GradientTransformation:
   buffer is what the next transform reads. The updates are cast to the
   buffer's dtype (the params'), so the state's dtypes never change.
 
+  Args:
+    mask: The leaves to store (a bool pytree, prefix or callable, as
+      ``trust_ratio_mask``); None stores every leaf. Only a leaf whose update
+      is read twice (by its trust ratio's norm and by its step) needs the
+      buffer: :func:`lamb_optax.lamb` passes its ``trust_ratio_mask``, so
+      leaves without a ratio cost no state and no extra kernel.
+
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
     :class:`StoredDirectionState`.
   """
 
   def init_fn(params):
-    return StoredDirectionState(direction=jax.tree.map(jnp.zeros_like, params))
+    leaves, treedef = jax.tree.flatten(params)
+    keep = prefix.resolve_mask(mask, params, "mask")
+    return StoredDirectionState(direction=treedef.unflatten([
+        jnp.zeros_like(x) if k else None for x, k in zip(leaves, keep)]))
 
   def update_fn(updates, state, params=None):
     del params
-    validation.check_updates_match_params(updates, state.direction)
+    us, treedef = jax.tree.flatten(updates)
+    try:
+      buffers = treedef.flatten_up_to(state.direction)
+    except (ValueError, TypeError):
+      validation.check_same_structure(state.direction, updates, "updates")
+      raise
+    validation.check_updates_match_params(updates, treedef.unflatten(
+        [u if b is None else b for b, u in zip(buffers, us)]))
 
     def write(buffer, u):
+      if buffer is None:
+        return u
       return jax.lax.dynamic_update_slice(
           buffer, u.astype(buffer.dtype), (0,) * buffer.ndim)
 
-    direction = jax.tree.map(write, state.direction, updates)
-    return direction, StoredDirectionState(direction=direction)
+    out = [write(b, u) for b, u in zip(buffers, us)]
+    return treedef.unflatten(out), StoredDirectionState(
+        direction=treedef.unflatten([
+            None if b is None else o for b, o in zip(buffers, out)]))
 
   return optax.GradientTransformation(init_fn, update_fn)
