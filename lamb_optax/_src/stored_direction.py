@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lamb_optax._src import numerics
 from lamb_optax._src import prefix
 from lamb_optax._src import validation
 
@@ -35,8 +36,9 @@ class StoredDirectionState(NamedTuple):
 
   Attributes:
     direction: A params-shaped tree: for each stored leaf, LAMB's :math:`u`
-      of the last step in the params' dtype (zeros before the first); None
-      for leaves outside the ``mask`` (their update is passed on as is).
+      of the last step in the params' compute dtype (float32 for float32,
+      bfloat16 and float16 params; zeros before the first); None for leaves
+      outside the ``mask`` (their update is passed on as is).
   """
 
   direction: Any
@@ -49,8 +51,11 @@ def store_in_state(
   The incoming updates are written into the previous buffer with an in-place
   update (``lax.dynamic_update_slice`` at offset 0, so that the donated input
   stays an input of the jitted step and its memory is reused), and the
-  buffer is what the next transform reads. The updates are cast to the
-  buffer's dtype (the params'), so the state's dtypes never change.
+  buffer, read back in the update's dtype, is what the next transform reads.
+  The buffer is in the params' compute dtype (at least float32), which holds
+  a float32 or bfloat16 update exactly, so the updates passed on are the
+  numbers that came in; an update wider than the buffer (float64 updates of
+  float32 params) is refused, naming the leaf, rather than rounded.
 
   Args:
     mask: The leaves to store (a bool pytree, prefix or callable, as
@@ -68,7 +73,8 @@ def store_in_state(
     leaves, treedef = jax.tree.flatten(params)
     keep = prefix.resolve_mask(mask, params, "mask")
     return StoredDirectionState(direction=treedef.unflatten([
-        jnp.zeros_like(x) if k else None for x, k in zip(leaves, keep)]))
+        jnp.zeros(jnp.shape(x), numerics.compute_dtype(x.dtype)) if k
+        else None for x, k in zip(leaves, keep)]))
 
   def update_fn(updates, state, params=None):
     del params
@@ -81,15 +87,21 @@ def store_in_state(
     validation.check_updates_match_params(updates, treedef.unflatten(
         [u if b is None else b for b, u in zip(buffers, us)]))
 
-    def write(buffer, u):
-      if buffer is None:
-        return u
-      return jax.lax.dynamic_update_slice(
-          buffer, u.astype(buffer.dtype), (0,) * buffer.ndim)
+    for (path, u), buffer in zip(jax.tree_util.tree_leaves_with_path(updates),
+                                 buffers):
+      if (buffer is not None
+          and jnp.promote_types(u.dtype, buffer.dtype) != buffer.dtype):
+        raise TypeError(
+            f"`updates` leaf '{prefix.param_path_str(path) or '<root>'}' is "
+            f"{u.dtype}, wider than the {buffer.dtype} buffer that "
+            "store_direction=True keeps for its parameter: it would be "
+            "rounded. Use the default path (store_direction=False) for "
+            "updates wider than the params' compute dtype.")
 
-    out = [write(b, u) for b, u in zip(buffers, us)]
+    written = [None if b is None else jax.lax.dynamic_update_slice(
+        b, u.astype(b.dtype), (0,) * b.ndim) for b, u in zip(buffers, us)]
+    out = [u if w is None else w.astype(u.dtype) for w, u in zip(written, us)]
     return treedef.unflatten(out), StoredDirectionState(
-        direction=treedef.unflatten([
-            None if b is None else o for b, o in zip(buffers, out)]))
+        direction=treedef.unflatten(written))
 
   return optax.GradientTransformation(init_fn, update_fn)
