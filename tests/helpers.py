@@ -16,6 +16,7 @@ import importlib
 import sys
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 
@@ -211,3 +212,12 @@ def example_modules(example_dir, module_names):
     for name in module_names:
       sys.modules.pop(name, None)
     sys.modules.update(saved)
+
+
+def jaxpr_equations(jaxpr):
+  """Every equation of a jaxpr, those of its sub-jaxprs (pjit, cond, scan,
+  custom_jvp, ...) included, in order."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      yield from jaxpr_equations(sub)

@@ -22,7 +22,8 @@ from jax.sharding import PartitionSpec as P
 import lamb_optax
 from lamb_optax import masks
 import reference
-from helpers import assert_trajectory_close, flat_mask, run_optimizer
+from helpers import (assert_trajectory_close, flat_mask, jaxpr_equations,
+                     run_optimizer)
 
 NUM_STEPS = 10
 LR = 0.05
@@ -508,29 +509,10 @@ def test_bad_layer_axes_raise(opt_name, case, params, grads_seq):
 # No Python loop over layers: the traced update does not grow with L.
 
 
-def _count_eqns(jaxpr):
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += 1
-    for sub in _sub_jaxprs(eqn.params):
-      n += _count_eqns(sub)
-  return n
-
-
-def _sub_jaxprs(params):
-  for value in params.values():
-    values = value if isinstance(value, (tuple, list)) else [value]
-    for v in values:
-      if hasattr(v, "eqns"):
-        yield v
-      elif hasattr(v, "jaxpr") and hasattr(v.jaxpr, "eqns"):
-        yield v.jaxpr
-
-
 def _update_size(opt, params):
   state = opt.init(params)
   jaxpr = jax.make_jaxpr(opt.update)(params, state, params)
-  return _count_eqns(jaxpr.jaxpr)
+  return sum(1 for _ in jaxpr_equations(jaxpr.jaxpr))
 
 
 @pytest.mark.parametrize("opt_name", ["lamb", "store_direction", "lars"])

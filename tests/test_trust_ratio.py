@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,7 +10,8 @@ import pytest
 import lamb_optax
 from lamb_optax._src import trust_ratio as trust_ratio_src
 import reference
-from helpers import ZERO_LAYER, flat_mask, make_params, to_numpy64
+from helpers import (ZERO_LAYER, flat_mask, jaxpr_equations, make_params,
+                     to_numpy64)
 
 
 def _updates_like(params, seed=2):
@@ -299,12 +299,7 @@ def test_grouped_small_leaves_and_single_leaves_match_reference(masked):
 
 def _count(jaxpr, primitive: str) -> int:
   """Equations of ``primitive`` in a jaxpr, sub-jaxprs included."""
-  n = 0
-  for eqn in jaxpr.eqns:
-    n += eqn.primitive.name == primitive
-    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-      n += _count(sub, primitive)
-  return n
+  return sum(eqn.primitive.name == primitive for eqn in jaxpr_equations(jaxpr))
 
 
 @pytest.mark.parametrize("copies", [1, 20])
