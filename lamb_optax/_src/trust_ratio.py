@@ -218,31 +218,35 @@ def expand_ratio(ratio: chex.Array, ndim: int,
       ratio, tuple(i for i in range(ndim) if i not in layer_axes))
 
 
-def _vector_norms(xs: list[chex.Array], us: list[chex.Array],
-                  specs: list[LeafSpec]) -> list[tuple[list[int], Any, Any]]:
-  """Squared norms of the vector leaves, in parts.
+def _vector_norms(leaves: list[tuple[int, chex.Array, chex.Array, LeafSpec]]
+                  ) -> list[tuple[list[int], Any, Any]]:
+  """Squared norms of the adapted one-layer leaves, in parts.
 
-  Returns ``(positions, x_sq, u_sq)`` parts: the positions (in the vector's
-  order) of the leaves in the part and their squared norms, a vector. A leaf
-  of more than :data:`SMALL_LEAF_SIZE` elements is a part of its own; the
-  smaller ones are stacked with the other leaves of their shape, compute
-  dtype and mesh axes and reduced together.
+  ``leaves`` holds ``(slot, x, u, spec)`` per leaf. Returns ``(slots, x_sq,
+  u_sq)`` parts: the slots of the leaves in the part and their squared norms,
+  vectors. A leaf of more than :data:`SMALL_LEAF_SIZE` elements is a part of
+  its own; the smaller ones are stacked with the other leaves of their shape,
+  compute dtype and mesh axes and reduced together. The mesh-axis checks of
+  :func:`numerics.psum_over` run on each leaf, before it is stacked.
   """
-  groups: dict[Any, list[int]] = {}
-  for pos, (x, spec) in enumerate(zip(xs, specs)):
+  groups: dict[Any, list[tuple[int, chex.Array, chex.Array, LeafSpec]]] = {}
+  for slot, x, u, spec in leaves:
+    numerics.check_summable(x, spec.axis_names)
+    numerics.check_summable(u, spec.axis_names)
     key = ((x.shape, numerics.compute_dtype(x.dtype), spec.axis_names)
-           if x.size <= SMALL_LEAF_SIZE else pos)
-    groups.setdefault(key, []).append(pos)
+           if x.size <= SMALL_LEAF_SIZE else slot)
+    groups.setdefault(key, []).append((slot, x, u, spec))
+
+  def norms(arrays, axis_names):
+    squared = numerics.squared_norms(
+        jnp.stack([numerics.upcast(a) for a in arrays]), (0,))
+    return jax.lax.psum(squared, axis_names) if axis_names else squared
+
   parts = []
-  for positions in groups.values():
-    axis_names = specs[positions[0]].axis_names
-    for pos in positions:
-      numerics.check_summable(xs[pos], axis_names)
-      numerics.check_summable(us[pos], axis_names)
-    x = jnp.stack([numerics.upcast(xs[pos]) for pos in positions])
-    u = jnp.stack([numerics.upcast(us[pos]) for pos in positions])
-    parts.append((positions, numerics.squared_norms(x, (0,), axis_names),
-                  numerics.squared_norms(u, (0,), axis_names)))
+  for members in groups.values():
+    slots, xs, us, specs = zip(*members)
+    parts.append((list(slots), norms(xs, specs[0].axis_names),
+                  norms(us, specs[0].axis_names)))
   return parts
 
 
@@ -304,20 +308,20 @@ def scale_updates(
   # The vector: one ratio per leaf that is one layer, in leaf order (the
   # slots' order); the adapted ones from their norms, the others 1.
   one_layer = [i for i, spec in enumerate(flat_specs) if not spec.layer_axes]
-  adapted = [pos for pos, i in enumerate(one_layer) if flat_specs[i].adapt]
-  parts = _vector_norms(
-      [param_for_norm(xs[one_layer[pos]], flat_specs[one_layer[pos]])
-       for pos in adapted], [us[one_layer[pos]] for pos in adapted],
-      [flat_specs[one_layer[pos]] for pos in adapted])
+  adapted = [(slot, i) for slot, i in enumerate(one_layer)
+             if flat_specs[i].adapt]
+  parts = _vector_norms([
+      (slot, param_for_norm(xs[i], flat_specs[i]), us[i], flat_specs[i])
+      for slot, i in adapted])
   by_dtype: dict[Any, list[Any]] = {}
   for part in parts:
     by_dtype.setdefault(part[1].dtype, []).append(part)
   positions, pieces = [], []
   for same_dtype in by_dtype.values():  # One vector operation per dtype.
-    positions += [adapted[k] for part in same_dtype for k in part[0]]
+    positions += [slot for part in same_dtype for slot in part[0]]
     pieces.append(ratio_of(jnp.concatenate([part[1] for part in same_dtype]),
                            jnp.concatenate([part[2] for part in same_dtype])))
-  fixed = sorted(set(range(len(one_layer))) - set(adapted))
+  fixed = sorted(set(range(len(one_layer))) - {slot for slot, _ in adapted})
   if fixed:
     positions += fixed
     pieces.append(jnp.ones((len(fixed),), jnp.float32))
