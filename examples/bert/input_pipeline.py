@@ -47,6 +47,7 @@ import warnings
 import zlib
 from typing import Iterable, Iterator, Optional, Sequence
 
+from absl import flags
 import grain
 import numpy as np
 import tokenizers
@@ -672,9 +673,10 @@ def train_dataset(source: grain.sources.RandomAccessDataSource,
   micro_batch, remainder = divmod(batch_size, num_micro_batches)
   if remainder or micro_batch % shard_count:
     raise ValueError(
-        f"The global batch {batch_size} must split into {num_micro_batches} "
-        f"micro-batches of a multiple of {shard_count} rows (one block per "
-        "process).")
+        f"`global_batch_size`/`phase_batch_sizes`: the global batch "
+        f"{batch_size} must split into {num_micro_batches} micro-batches "
+        f"whose size is a multiple of {shard_count} (the processes: one "
+        "block of rows each).")
   dataset = grain.MapDataset.source(source)
   dataset = dataset.shuffle(seed=grain_seed(seed, phase, _SHUFFLE)).repeat()
   dataset = dataset.random_map(masking, seed=grain_seed(seed, phase, _MASK))
@@ -707,8 +709,8 @@ def eval_dataset(source: grain.sources.RandomAccessDataSource,
     shard_count, ...)``.
   """
   if batch_size % shard_count:
-    raise ValueError(f"The evaluation batch {batch_size} must be a multiple "
-                     f"of the {shard_count} processes.")
+    raise ValueError(f"`eval_batch_size`: the evaluation batch {batch_size} "
+                     f"must be a multiple of the {shard_count} processes.")
   count = len(source) if max_examples is None else min(len(source),
                                                        max_examples)
   dataset = grain.MapDataset.source(source)[:count]
@@ -739,6 +741,10 @@ def make_iterator(dataset: grain.MapDataset, *, workers: int = 0,
                                    prefetch_buffer_size=prefetch)
   iter_dataset = dataset.to_iter_dataset(read_options)
   if workers:
+    if not flags.FLAGS.is_parsed():
+      # mp_prefetch reads grain's absl flags; outside an absl app (a test,
+      # a notebook) none were parsed: take their defaults.
+      flags.FLAGS.mark_as_parsed()
     iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
         num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
   return iter(iter_dataset)

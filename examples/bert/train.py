@@ -144,9 +144,10 @@ def make_phases(config: ml_collections.ConfigDict,
       num_micro = 1
     if batch % num_micro or (batch // num_micro) % num_devices:
       raise ValueError(
-          f"Phase {i + 1}: the global batch {batch} must split into "
-          f"{num_micro} micro-batches whose size is a multiple of the "
-          f"{num_devices} devices.")
+          f"`global_batch_size`/`phase_batch_sizes`, phase {i + 1}: the "
+          f"global batch {batch} must split into {num_micro} micro-batches "
+          f"(`num_micro_batches`/`micro_batch_size`) whose size is a "
+          f"multiple of the {num_devices} devices.")
     if seq_lengths[i] > config.max_position_embeddings:
       raise ValueError(f"Sequence length {seq_lengths[i]} exceeds "
                        f"`max_position_embeddings`.")
