@@ -489,7 +489,10 @@ def prepare_and_load(config: ml_collections.ConfigDict, directory: str,
     is_chief: Whether this process prepares (process 0 of a job); the others
       only check the inputs, so that a bad field fails on every process.
     wait: Called between the preparation and the loading, by every
-      process: a barrier of a multi-process job (None: no barrier).
+      process: a barrier of a multi-process job (None: no barrier). If the
+      chief fails while preparing (an unreadable document, a full disk),
+      the others wait there until the job's distributed runtime gives up:
+      prepare a pod's shards beforehand with this script.
 
   Returns:
     The prepared data, checked against ``config`` (see ``load``).

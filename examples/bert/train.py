@@ -483,6 +483,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # in a second, not after the tokenizer is trained).
   mesh = utils.make_mesh(config.num_devices)
   num_devices = mesh.shape[DATA_AXIS]
+  rows = utils.process_rows(mesh)  # This process's block of every batch.
   phases = make_phases(config, num_devices)
   schedule = learning_rate_schedule(phases)
   # A user's tokenizer (config.tokenizer) sets the vocabulary size.
@@ -509,7 +510,6 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   data = prepare_data.prepare_and_load(
       config, prepare_data.data_directory(config, workdir), is_chief=is_chief,
       wait=utils.sync_processes)
-  rows = utils.process_rows(mesh)  # This process's block of every batch.
   if is_chief:
     print(data.describe(), flush=True)
 
