@@ -28,17 +28,11 @@ ROW_STEPS = 3
 
 
 def main(process_id: int, port: int, overrides: dict, out_dir: str) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
-  try:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  except Exception as e:  # pylint: disable=broad-except
-    print(f"DISTRIBUTED_UNAVAILABLE: no gloo CPU collectives ({e!r})",
-          flush=True)
-    sys.exit(3)
-  jax.distributed.initialize(
-      coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-      process_id=process_id, initialization_timeout=TIMEOUT_S,
-      heartbeat_timeout_seconds=TIMEOUT_S, shutdown_timeout_seconds=TIMEOUT_S)
+  # pylint: disable=import-outside-toplevel
+  import jax
+  import helpers
+  # pylint: enable=import-outside-toplevel
+  helpers.join_loopback_job(process_id, port, timeout_s=TIMEOUT_S)
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
                          / "examples" / "bert"))
   # pylint: disable=import-outside-toplevel

@@ -235,6 +235,26 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+def join_loopback_job(process_id: int, port: int, num_processes: int = 2,
+                      timeout_s: int = 60) -> None:
+  """In a worker process: joins a ``jax.distributed`` job on 127.0.0.1:port.
+
+  CPU collectives go over gloo. Where this jax build has none, prints
+  ``DISTRIBUTED_UNAVAILABLE: <reason>`` (``run_processes`` then skips the
+  test) and exits with status 3.
+  """
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"DISTRIBUTED_UNAVAILABLE: no gloo CPU collectives ({e!r})",
+          flush=True)
+    sys.exit(3)
+  jax.distributed.initialize(
+      coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+      process_id=process_id, initialization_timeout=timeout_s,
+      heartbeat_timeout_seconds=timeout_s, shutdown_timeout_seconds=timeout_s)
+
+
 def run_processes(commands: Sequence[Sequence[str]], log_dir, timeout_s: float,
                   env: Optional[dict] = None) -> list[str]:
   """Runs ``commands`` as concurrent processes (a multi-process job).

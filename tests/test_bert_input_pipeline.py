@@ -546,10 +546,12 @@ def test_two_processes_read_their_rows_and_train_as_one(bert, corpus,
   shards (process 0; process 1 waits), train 4 steps stopped after step 2
   and resumed from the checkpoint (the grain iterator's state saved per
   process), and dump their rows of the first batches. The same
-  configuration runs here in one process on one device. (One phase, to
-  compile less; resuming at a phase change is in test_bert_example.py.)
+  configuration runs here in one process on one device. (One phase, one
+  layer and AdamW, to compile less: what is tested is the data; resuming at
+  a phase change is in test_bert_example.py.)
   """
-  overrides = dict(corpus=corpus["txt"], tokenizer=corpus["vocab"],
+  overrides = dict(optimizer="adamw", num_layers=1,
+                   corpus=corpus["txt"], tokenizer=corpus["vocab"],
                    held_out_percent=20, seq_lengths=[16],
                    examples_per_shard=100, total_steps=4,
                    phase_fractions=[1.0], global_batch_size=8,
