@@ -412,10 +412,10 @@ def local_example_index(phase: Phase, rows: tuple[int, int]) -> np.ndarray:
   return index[:, rows[0] * block:(rows[0] + 1) * block]
 
 
-def eval_batches(config: ml_collections.ConfigDict,
-                 data: prepare_data.PreparedData, seq_length: int, mesh: Mesh,
-                 rows: tuple[int, int]
-                 ) -> tuple[list[dict[str, jax.Array]], int]:
+def held_out_batches(config: ml_collections.ConfigDict,
+                     data: prepare_data.PreparedData, seq_length: int,
+                     mesh: Mesh, rows: tuple[int, int]
+                     ) -> tuple[list[dict[str, jax.Array]], int]:
   """Held-out examples of one length as global batches, and their number.
 
   Up to ``config.eval_examples`` examples, each once, in batches of
@@ -590,8 +590,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
 
   def run_eval(step: int, phase: Phase) -> dict[str, Any]:
     if phase.seq_length not in eval_sets:
-      eval_sets[phase.seq_length] = eval_batches(config, data,
-                                                 phase.seq_length, mesh, rows)
+      eval_sets[phase.seq_length] = held_out_batches(
+          config, data, phase.seq_length, mesh, rows)
     batches, count = eval_sets[phase.seq_length]
     result = evaluate(eval_step, params, batches)
     row = {"kind": "eval", "step": step, "phase": phase.index + 1,
