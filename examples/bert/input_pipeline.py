@@ -652,9 +652,9 @@ def train_dataset(source: grain.sources.RandomAccessDataSource,
   stream, and micro-batch ``m`` its rows ``[m M, (m + 1) M)``
   (``M = B / num_micro_batches``). Each micro-batch is cut into
   ``shard_count`` consecutive blocks of rows, and this dataset holds block
-  ``shard_index`` of each (grain's sharding by slicing, ``[index::count]``)
-  : the rows that this process's devices hold in the global array, and no
-  others are read.
+  ``shard_index`` of each, by grain's sharding by slicing
+  (``[index::count]``): the rows that this process's devices hold in the
+  global array. No other row is read or masked.
 
   Args:
     source: The training examples of one sequence length.
