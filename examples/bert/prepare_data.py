@@ -75,7 +75,11 @@ MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
 FORMAT_VERSION = 1
 SPLITS = ("train", "held_out")
-# One record per group: grain reads single records at random.
+# One record per group: grain reads single records at random. ArrayRecord's
+# default zstd compression is kept: on the 20x synthetic corpus it makes
+# records of 256 tokens 16% smaller than uncompressed ones (64 tokens: the
+# same size), for about 8 us more per record written and 5 us per record
+# read (a few percent of the pipeline's cost per example).
 RECORD_OPTIONS = "group_size:1"
 ENCODE_BLOCK_CHARS = 1 << 20
 _STAGING_PREFIX = ".staging-"
