@@ -13,7 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import pathlib
+import socket
+import subprocess
 import sys
+import time
+from typing import Optional, Sequence
 
 import jax
 import jax.extend
@@ -221,3 +226,77 @@ def jaxpr_equations(jaxpr):
     yield eqn
     for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       yield from jaxpr_equations(sub)
+
+
+def free_port() -> int:
+  """A free TCP port on 127.0.0.1 (for a jax.distributed coordinator)."""
+  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def join_loopback_job(process_id: int, port: int, num_processes: int = 2,
+                      timeout_s: int = 60) -> None:
+  """In a worker process: joins a ``jax.distributed`` job on 127.0.0.1:port.
+
+  CPU collectives go over gloo. Where this jax build has none, prints
+  ``DISTRIBUTED_UNAVAILABLE: <reason>`` (``run_processes`` then skips the
+  test) and exits with status 3.
+  """
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"DISTRIBUTED_UNAVAILABLE: no gloo CPU collectives ({e!r})",
+          flush=True)
+    sys.exit(3)
+  jax.distributed.initialize(
+      coordinator_address=f"127.0.0.1:{port}", num_processes=num_processes,
+      process_id=process_id, initialization_timeout=timeout_s,
+      heartbeat_timeout_seconds=timeout_s, shutdown_timeout_seconds=timeout_s)
+
+
+def run_processes(commands: Sequence[Sequence[str]], log_dir, timeout_s: float,
+                  env: Optional[dict] = None) -> list[str]:
+  """Runs ``commands`` as concurrent processes (a multi-process job).
+
+  Each process's output goes to ``log_dir/log_<i>.txt``. Skips the calling
+  test if a process printed ``DISTRIBUTED_UNAVAILABLE: <reason>``; fails it,
+  with the last lines of every log, if a process is still running after
+  ``timeout_s`` seconds (then killed) or exited non-zero.
+
+  Returns:
+    The logs' texts.
+  """
+  import pytest  # pylint: disable=import-outside-toplevel
+  logs = [pathlib.Path(log_dir) / f"log_{i}.txt" for i in range(len(commands))]
+  procs = []
+  for command, log in zip(commands, logs):
+    with open(log, "w") as f:
+      procs.append(subprocess.Popen(list(command), stdout=f,
+                                    stderr=subprocess.STDOUT, env=env))
+  deadline = time.monotonic() + timeout_s
+  timed_out = False
+  for proc in procs:
+    try:
+      proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      timed_out = True
+  for proc in procs:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+  texts = [log.read_text() for log in logs]
+  for text in texts:
+    for line in text.splitlines():
+      if line.startswith("DISTRIBUTED_UNAVAILABLE:"):
+        pytest.skip(line)
+  report = "\n".join(
+      f"--- process {i} (exit {p.returncode}), last lines:\n"
+      + "\n".join(t.splitlines()[-25:]) for i, (p, t) in
+      enumerate(zip(procs, texts)))
+  if timed_out:
+    pytest.fail(f"the {len(procs)}-process run did not finish in "
+                f"{timeout_s} s\n{report}")
+  if any(p.returncode != 0 for p in procs):
+    pytest.fail(f"a process failed\n{report}")
+  return texts

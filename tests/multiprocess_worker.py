@@ -25,20 +25,13 @@ if __name__ == "__main__":  # Before jax initialises its backend.
 
 import jax  # pylint: disable=g-import-not-at-top
 
+import helpers  # pylint: disable=g-import-not-at-top
+
 TIMEOUT_S = 60
 
 
 def main(process_id: int, port: int, out_dir: str) -> None:
-  try:
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  except Exception as e:  # pylint: disable=broad-except
-    print(f"DISTRIBUTED_UNAVAILABLE: no gloo CPU collectives ({e!r})",
-          flush=True)
-    sys.exit(3)
-  jax.distributed.initialize(
-      coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-      process_id=process_id, initialization_timeout=TIMEOUT_S,
-      heartbeat_timeout_seconds=TIMEOUT_S, shutdown_timeout_seconds=TIMEOUT_S)
+  helpers.join_loopback_job(process_id, port, timeout_s=TIMEOUT_S)
 
   # pylint: disable=g-import-not-at-top
   from jax.experimental import multihost_utils

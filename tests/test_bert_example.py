@@ -9,7 +9,6 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -19,8 +18,9 @@ import pytest
 _EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "bert"
 # Top-level module names of the example (run as a script, not a package),
 # cleared around the import so another example's `train` cannot be picked up.
-_MODULES = ("train", "models", "input_pipeline", "configs",
-            "configs.default", "configs.test", "configs.bert_base")
+_MODULES = ("train", "models", "input_pipeline", "prepare_data", "utils",
+            "metrics", "configs", "configs.default", "configs.test",
+            "configs.bert_base")
 _TRAIN_FIELDS = ("step", "phase", "loss", "learning_rate", "tokens_per_sec")
 
 
@@ -116,26 +116,31 @@ def test_run_learns_and_writes_its_outputs(example, full_run):
 
 
 def test_resume_continues_exactly(example, full_run, tmp_path):
-  """Stopped at step 5 and rerun to the end == one uninterrupted run."""
+  """Stopped at step 5 (mid-phase: the grain iterator's state is restored)
+  and at step 9 (the end of phase 1: phase 2's data starts), then run to the
+  end == one uninterrupted run."""
   full_workdir, _ = full_run
   train = example["train"]
-  # The same tokenizer as the full run (the trainer's ties are not
-  # reproducible across processes; the cache is how a workdir pins it).
-  shutil.copytree(full_workdir / "tokenizer", tmp_path / "tokenizer")
+  # The full run's shards (its trained tokenizer is not reproducible
+  # across processes; the prepared data directory pins it).
+  data_dir = str(full_workdir / "data")
   config = example["test_config"].get_config()
+  config.data_dir = data_dir
   config.stop_at_step = 5
   first = train.train_and_evaluate(config, str(tmp_path))
-  assert first["tokenizer_cached"]
+  assert not first["data_prepared"]
   assert first["end_step"] == 5
   assert [r["step"] for r in _rows(tmp_path)] == [1, 2, 3, 4, 5]
   # A row logged after the last checkpoint (a preempted run) is dropped
   # when the run resumes, and logged again.
   with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
     f.write(json.dumps({"kind": "train", "step": 6, "loss": -1.0}) + "\n")
+  config.stop_at_step = 9
+  assert train.train_and_evaluate(config, str(tmp_path))["start_step"] == 5
 
-  second = train.train_and_evaluate(example["test_config"].get_config(),
-                                    str(tmp_path))
-  assert second["start_step"] == 5
+  config.stop_at_step = 0
+  second = train.train_and_evaluate(config, str(tmp_path))
+  assert second["start_step"] == 9
   assert second["end_step"] == config.total_steps
   resumed = _rows(tmp_path)
   uninterrupted = _rows(full_workdir)
@@ -155,7 +160,6 @@ def test_main_parses_flags(example, full_run, tmp_path):
   import jax  # pylint: disable=import-outside-toplevel
   del example
   full_workdir, _ = full_run
-  shutil.copytree(full_workdir / "tokenizer", tmp_path / "tokenizer")
   env = dict(os.environ)
   env.update(
       JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
@@ -164,6 +168,7 @@ def test_main_parses_flags(example, full_run, tmp_path):
   result = subprocess.run(
       [sys.executable, str(_EXAMPLE / "main.py"), f"--workdir={tmp_path}",
        f"--config={_EXAMPLE / 'configs' / 'test.py'}",
+       f"--config.data_dir={full_workdir / 'data'}",
        "--config.stop_at_step=2", "--config.eval_every=1"],
       env=env, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -171,7 +176,7 @@ def test_main_parses_flags(example, full_run, tmp_path):
   assert [r["step"] for r in _rows(tmp_path)] == [1, 2]
   assert [r["step"] for r in _rows(tmp_path, "eval")] == [1, 2]
   summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["end_step"] == 2 and summary["tokenizer_cached"]
+  assert summary["end_step"] == 2 and not summary["data_prepared"]
   # A misspelt field is an error, not a silent default.
   result = subprocess.run(
       [sys.executable, str(_EXAMPLE / "main.py"), f"--workdir={tmp_path}",
@@ -187,7 +192,6 @@ def test_eight_devices_fsdp_scanned_matches_one_device(example, full_run,
   import jax  # pylint: disable=import-outside-toplevel
   del example
   full_workdir, _ = full_run
-  shutil.copytree(full_workdir / "tokenizer", tmp_path / "tokenizer")
   env = dict(os.environ)
   env.update(
       XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -197,6 +201,7 @@ def test_eight_devices_fsdp_scanned_matches_one_device(example, full_run,
   result = subprocess.run(
       [sys.executable, str(_EXAMPLE / "main.py"), f"--workdir={tmp_path}",
        f"--config={_EXAMPLE / 'configs' / 'test.py'}",
+       f"--config.data_dir={full_workdir / 'data'}",
        "--config.stop_at_step=4", "--config.fsdp=True",
        "--config.fsdp_min_size=256", "--config.scan_layers=True"],
       env=env, capture_output=True, text=True, timeout=300, check=False)

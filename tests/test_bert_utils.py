@@ -1,7 +1,7 @@
 """The BERT example's pieces: optimizer table, checkpoints, sharding, metrics.
 
 Fast unit tests of examples/bert/train.py's ``OPTIMIZERS`` table,
-examples/bert/utils.py (checkpoint tree, sharding, eval batches) and
+examples/bert/utils.py (checkpoint tree, sharding, process rows) and
 examples/bert/metrics.py (metrics.jsonl, TensorBoard scalars, per-layer
 trust ratios). The end-to-end runs are in tests/test_bert_example.py.
 """
@@ -262,22 +262,19 @@ def test_restore_refuses_a_checkpoint_of_another_seed(bert, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# Sharding and eval batches.
+# Sharding and process rows.
 
 
-def test_global_eval_batches_pad_with_weightless_rows(bert):
+def test_process_rows_and_global_batch_on_one_process(bert):
+  """One process holds every row: block 0 of 1, the batch as it is."""
   utils = bert["utils"]
-  count, length = 10, 5
-  rng = np.random.default_rng(0)
-  examples = {"input_ids": rng.integers(5, 50, (count, length)),
-              "masked_weights": np.ones((count, 2), np.float32)}
-  batches = utils.global_eval_batches(examples, 4, utils.make_mesh())
-  assert [b["input_ids"].shape for b in batches] == [(4, length)] * 3
-  ids = np.concatenate([np.asarray(b["input_ids"]) for b in batches])
-  weights = np.concatenate([np.asarray(b["masked_weights"]) for b in batches])
-  np.testing.assert_array_equal(ids[:count], examples["input_ids"])
-  np.testing.assert_array_equal(weights[:count], 1.0)
-  np.testing.assert_array_equal(weights[count:], 0.0)  # Padding counts 0.
+  mesh = utils.make_mesh()
+  assert utils.process_rows(mesh) == (0, 1)
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=import-outside-toplevel
+  local = {"input_ids": np.arange(2 * 8 * 3).reshape(2, 8, 3)}
+  batch = utils.global_batch(local, NamedSharding(mesh, P(None, "data")))
+  np.testing.assert_array_equal(np.asarray(batch["input_ids"]),
+                                local["input_ids"])
 
 
 _SHARDING_SCRIPT = textwrap.dedent("""

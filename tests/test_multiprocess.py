@@ -12,15 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 import distributed_scenarios as scenarios
+import helpers
 
 PARAM_TOL = 3e-5
 RATIO_TOL = 3e-6
@@ -29,50 +27,15 @@ TIMEOUT_S = 120
 NUM_PROCESSES = 2
 
 
-def free_port() -> int:
-  with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def workers(tmp_path_factory):
   out = tmp_path_factory.mktemp("multiprocess")
-  port = free_port()
+  port = helpers.free_port()
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
-  logs = [out / f"log_{i}.txt" for i in range(NUM_PROCESSES)]
-  procs = []
-  for i, log in enumerate(logs):
-    with open(log, "w") as f:
-      procs.append(subprocess.Popen(
-          [sys.executable, WORKER, str(i), str(port), str(out)],
-          stdout=f, stderr=subprocess.STDOUT, env=env))
-  deadline = time.monotonic() + TIMEOUT_S
-  timed_out = False
-  for proc in procs:
-    try:
-      proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    except subprocess.TimeoutExpired:
-      timed_out = True
-  for proc in procs:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait()
-  texts = [log.read_text() for log in logs]
-  for text in texts:
-    for line in text.splitlines():
-      if line.startswith("DISTRIBUTED_UNAVAILABLE:"):
-        pytest.skip(line)
-  report = "\n".join(
-      f"--- process {i} (exit {p.returncode}), last lines:\n"
-      + "\n".join(t.splitlines()[-25:]) for i, (p, t) in
-      enumerate(zip(procs, texts)))
-  if timed_out:
-    pytest.fail(f"the 2-process run (127.0.0.1:{port}) did not finish in "
-                f"{TIMEOUT_S} s\n{report}")
-  if any(p.returncode != 0 for p in procs):
-    pytest.fail(f"a worker failed (127.0.0.1:{port})\n{report}")
+  helpers.run_processes(
+      [[sys.executable, WORKER, str(i), str(port), str(out)]
+       for i in range(NUM_PROCESSES)], out, TIMEOUT_S, env)
   arrays, facts = [], []
   for i in range(NUM_PROCESSES):
     with np.load(out / f"process_{i}.npz") as data:

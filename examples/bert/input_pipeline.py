@@ -1,27 +1,37 @@
-"""Text, a WordPiece tokenizer and BERT's masked-LM batches, all offline.
+"""Text, a WordPiece tokenizer, BERT's masking and the grain input pipeline.
 
-The built-in corpus ships with every Python: the sections of the Python
-language reference and library topics that ``help()`` shows
+Documents. The built-in corpus ships with every Python: the sections of the
+Python language reference and library topics that ``help()`` shows
 (``pydoc_data.topics``, one document per section heading), then the
 docstrings (``inspect.getdoc``) of a fixed list of standard-library modules
-and of the public classes, functions and methods they define. A document goes
-to the held-out split when a CRC32 of its text falls in the first
+and of the public classes, functions and methods they define.
+``config.corpus = PATH`` replaces it with your own text: a ``.txt`` file (one
+document per blank-line-separated paragraph block of at least
+``MIN_DOCUMENT_CHARS``), a JSON-lines file (``.jsonl``, one document per
+line, text under ``config.text_field``), a Parquet file (``.parquet``, one
+document per row of the ``config.text_field`` column), or a directory of
+such files. ``iter_documents`` reads them as a stream. A document goes to
+the held-out split when a CRC32 of its text falls in the first
 ``held_out_percent`` of 100, so the split depends on nothing but the text.
-``config.corpus = PATH`` replaces it with your own ``.txt`` file or a
-directory of them (one document per blank-line-separated paragraph block of
-at least ``MIN_DOCUMENT_CHARS``).
 
-A WordPiece tokenizer (``tokenizers``, BERT's normalisation and
-pre-tokenisation, lower case) is trained on the training split and cached in
-the workdir; a rerun with the same corpus and vocabulary size loads it.
+Tokenizer. A lower-case WordPiece tokenizer (``tokenizers``, BERT's
+normalisation and pre-tokenisation) trained on the training split, or a
+user's (``load_tokenizer``: BERT's ``vocab.txt`` or a ``tokenizer.json``);
+``SpecialIds`` holds the ids of its [PAD], [UNK], [CLS], [SEP] and [MASK].
 
-Batches are a pure function of ``(seed, step)``: each example is ``[CLS]``,
-a window of the training token stream (documents joined by ``[SEP]``) at a
-position drawn from ``numpy.random.default_rng((seed, step))``, ``[SEP]``;
-then BERT's masking (15% of the non-special tokens; of those 80% become
-``[MASK]``, 10% a random non-special token, 10% stay). So a resumed run sees
-exactly the batches an uninterrupted one would, with no data state to save
-beyond the step.
+Examples. ``prepare_data.py`` cuts each split's token stream (documents
+joined by [SEP]) into consecutive windows of ``seq_length - 2`` tokens and
+writes them to ArrayRecord shards once. ``train_dataset`` and
+``eval_dataset`` read them with grain: each example is [CLS] + window +
+[SEP], then BERT's masking (15% of the non-special tokens; of those 80%
+become [MASK], 10% a random non-special token, 10% stay) with a random
+generator derived from (seed, example index); each process reads only its
+own rows of every global batch.
+
+``load_corpus``, ``cached_tokenizer``, ``token_stream``, ``train_batch`` and
+``eval_batches`` are the in-memory pipeline of before: a batch sampled at
+random positions of the whole token stream as a pure function of
+``(seed, step)``. ``examples/batch_scaling`` uses them.
 """
 
 from __future__ import annotations
@@ -30,12 +40,15 @@ import dataclasses
 import hashlib
 import importlib
 import inspect
+import json
 import os
 import re
 import warnings
 import zlib
-from typing import Iterator, Optional, Sequence
+from typing import Iterable, Iterator, Optional, Sequence
 
+from absl import flags
+import grain
 import numpy as np
 import tokenizers
 
@@ -135,43 +148,174 @@ def builtin_documents() -> list[str]:
   return _dedupe(docs, min_chars=40)
 
 
-def _dedupe(docs: Sequence[str], min_chars: int) -> list[str]:
+def _normalize(doc: str) -> str:
+  return doc.replace("\t", "    ").strip()
+
+
+def _dedupe(docs: Iterable[str], min_chars: int) -> list[str]:
   seen, out = set(), []
-  for doc in docs:
-    doc = doc.replace("\t", "    ").strip()
+  for doc in map(_normalize, docs):
     if len(doc) >= min_chars and doc not in seen:
       seen.add(doc)
       out.append(doc)
   return out
 
 
-def user_documents(path: str) -> list[str]:
-  """Documents of a ``.txt`` file or of the ``.txt`` files under a directory.
+CORPUS_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
-  Each file is cut at blank lines, and consecutive paragraphs are joined until
-  a document has at least ``MIN_DOCUMENT_CHARS`` characters.
+
+def corpus_files(path: str) -> list[str]:
+  """The files of ``config.corpus``: the file itself, or those under a directory.
+
+  Under a directory, the ``.txt``, ``.jsonl`` and ``.parquet`` files (at any
+  depth), sorted by path. A single file is read by its suffix (``.jsonl``,
+  ``.parquet``; any other is text).
   """
-  if os.path.isdir(path):
-    files = sorted(os.path.join(root, name)
-                   for root, _, names in os.walk(path)
-                   for name in names if name.endswith(".txt"))
-  else:
-    files = [path]
+  if not os.path.exists(path):
+    raise ValueError(f"`corpus`: no such file or directory: {path!r} "
+                     "(expected 'builtin', a text, .jsonl or .parquet file, "
+                     "or a directory of them).")
+  if not os.path.isdir(path):
+    return [path]
+  files = sorted(os.path.join(root, name)
+                 for root, _, names in os.walk(path)
+                 for name in names if name.endswith(CORPUS_SUFFIXES))
   if not files:
-    raise ValueError(f"`corpus`: no .txt files under {path!r}.")
-  docs = []
-  for file_path in files:
-    with open(file_path, encoding="utf-8", errors="replace") as f:
-      paragraphs = re.split(r"\n\s*\n", f.read())
-    current = ""
-    for paragraph in paragraphs:
-      current = f"{current}\n\n{paragraph}" if current else paragraph
-      if len(current) >= MIN_DOCUMENT_CHARS:
-        docs.append(current)
-        current = ""
-    if current:
-      docs.append(current)
-  return _dedupe(docs, min_chars=1)
+    raise ValueError(f"`corpus`: no .txt, .jsonl or .parquet files under "
+                     f"{path!r}.")
+  return files
+
+
+def _lines(path: str) -> Iterator[tuple[str, bool, bool]]:
+  """``(line, is_first, is_last)`` of ``text.split("\\n")``, read lazily."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    previous, first = None, True
+    for line in f:
+      if previous is not None:
+        yield previous[:-1], first, False  # Only the last may lack "\n".
+        first = False
+      previous = line
+    if previous is None:  # An empty file is one empty line.
+      yield "", True, True
+    elif previous.endswith("\n"):  # The empty line after the last newline.
+      yield previous[:-1], first, False
+      yield "", False, True
+    else:
+      yield previous, first, True
+
+
+def _paragraphs(path: str) -> Iterator[str]:
+  """``re.split(r"\\n\\s*\\n", text)`` of a text file, read line by line.
+
+  A run of whitespace-only lines separates paragraphs, except that the
+  first and the last line are never part of a separator (no newline
+  precedes or follows them).
+  """
+  current = None
+  for line, is_first, is_last in _lines(path):
+    if line.strip() or is_first or is_last:
+      current = current or []
+      current.append(line)
+    elif current is not None:
+      yield "\n".join(current)
+      current = None
+  if current is not None:
+    yield "\n".join(current)
+
+
+def _text_documents(path: str) -> Iterator[str]:
+  """Consecutive paragraphs joined until each has ``MIN_DOCUMENT_CHARS``."""
+  current = ""
+  for paragraph in _paragraphs(path):
+    current = f"{current}\n\n{paragraph}" if current else paragraph
+    if len(current) >= MIN_DOCUMENT_CHARS:
+      yield current
+      current = ""
+  if current:
+    yield current
+
+
+def _jsonl_documents(path: str, text_field: str) -> Iterator[str]:
+  """The ``text_field`` string of each line's JSON object."""
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, 1):
+      if not line.strip():
+        continue
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise ValueError(f"`corpus`: line {line_number} of {path!r} is not "
+                         f"JSON ({e}).") from e
+      text = record.get(text_field) if isinstance(record, dict) else None
+      if not isinstance(text, str):
+        raise ValueError(
+            f"`text_field`: line {line_number} of {path!r} has no string "
+            f"field {text_field!r} (expected one JSON object per line with "
+            "the document's text under `text_field`).")
+      yield text
+
+
+def _parquet_documents(path: str, text_field: str) -> Iterator[str]:
+  """The ``text_field`` column of a Parquet file, read in record batches."""
+  import pyarrow as pa  # pylint: disable=import-outside-toplevel
+  import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+  parquet = pq.ParquetFile(path)
+  schema = parquet.schema_arrow
+  if text_field not in schema.names:
+    raise ValueError(f"`text_field`: {path!r} has no column {text_field!r} "
+                     f"(its columns: {', '.join(schema.names)}).")
+  column_type = schema.field(text_field).type
+  if not (pa.types.is_string(column_type)
+          or pa.types.is_large_string(column_type)):
+    raise ValueError(f"`text_field`: column {text_field!r} of {path!r} holds "
+                     f"{column_type}, expected strings.")
+  for batch in parquet.iter_batches(batch_size=1024, columns=[text_field]):
+    yield from (text for text in batch.column(0).to_pylist() if text)
+
+
+def _file_documents(path: str, text_field: str) -> Iterator[str]:
+  if path.endswith(".jsonl"):
+    return _jsonl_documents(path, text_field)
+  if path.endswith(".parquet"):
+    return _parquet_documents(path, text_field)
+  return _text_documents(path)
+
+
+def iter_documents(corpus: str, text_field: str = "text") -> Iterator[str]:
+  """The documents of ``config.corpus``, one at a time, in a fixed order.
+
+  Memory stays bounded whatever the corpus size: files are read line by line
+  or (Parquet) in record batches. Documents are stripped (tabs become four
+  spaces) and empty ones skipped; unlike ``load_corpus``, duplicates are
+  kept (finding them needs memory that grows with the corpus).
+
+  Args:
+    corpus: "builtin", or a path (see ``corpus_files``).
+    text_field: The field of a JSON line, or the column of a Parquet file,
+      that holds the text.
+
+  Yields:
+    The documents.
+  """
+  if corpus == "builtin":
+    yield from builtin_documents()
+    return
+  for path in corpus_files(corpus):
+    for doc in map(_normalize, _file_documents(path, text_field)):
+      if doc:
+        yield doc
+
+
+def user_documents(path: str, text_field: str = "text") -> list[str]:
+  """Documents of a file or of the files under a directory, deduplicated.
+
+  A text file is cut at blank lines, and consecutive paragraphs are joined
+  until a document has at least ``MIN_DOCUMENT_CHARS`` characters; a JSON
+  line or a Parquet row is one document.
+  """
+  return _dedupe((doc for file_path in corpus_files(path)
+                  for doc in _file_documents(file_path, text_field)),
+                 min_chars=1)
 
 
 def is_held_out(doc: str, held_out_percent: int) -> bool:
@@ -203,12 +347,17 @@ def load_corpus(corpus: str = "builtin",
     docs, name = user_documents(corpus), corpus
   train = [d for d in docs if not is_held_out(d, held_out_percent)]
   held_out = [d for d in docs if is_held_out(d, held_out_percent)]
-  if not train or not held_out:
+  check_split_sizes(name, len(train), len(held_out))
+  return Corpus(train=train, held_out=held_out, name=name)
+
+
+def check_split_sizes(name: str, num_train: int, num_held_out: int) -> None:
+  """Both splits need a document (a missing or empty corpus has none)."""
+  if not num_train or not num_held_out:
     raise ValueError(
-        f"`corpus` {name!r}: {len(train)} training and {len(held_out)} "
+        f"`corpus` {name!r}: {num_train} training and {num_held_out} "
         "held-out documents; need at least one of each (more text, or "
         "another held_out_percent).")
-  return Corpus(train=train, held_out=held_out, name=name)
 
 
 # ----------------------------------------------------------------------------
@@ -259,6 +408,71 @@ def cached_tokenizer(corpus: Corpus, vocab_size: int, cache_dir: str,
   return tokenizer, False
 
 
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+  """The ids of [PAD], [UNK], [CLS], [SEP] and [MASK] in a vocabulary.
+
+  The defaults are those of every tokenizer trained here (0 to 4).
+  """
+  pad: int = PAD_ID
+  unk: int = UNK_ID
+  cls: int = CLS_ID
+  sep: int = SEP_ID
+  mask: int = MASK_ID
+
+  @property
+  def ids(self) -> tuple[int, ...]:
+    return (self.pad, self.unk, self.cls, self.sep, self.mask)
+
+  @classmethod
+  def of(cls, tokenizer: tokenizers.Tokenizer) -> "SpecialIds":
+    """The special ids of ``tokenizer`` (see ``load_tokenizer``)."""
+    return cls(*(tokenizer.token_to_id(token) for token in SPECIAL_TOKENS))
+
+
+def _check_special_tokens(vocabulary, path: str) -> None:
+  missing = [token for token in SPECIAL_TOKENS if token not in vocabulary]
+  if missing:
+    raise ValueError(
+        f"`tokenizer` {path!r} has no {', '.join(missing)}: BERT's inputs "
+        f"and masking need all of {', '.join(SPECIAL_TOKENS)}.")
+
+
+def load_tokenizer(path: str, lowercase: bool = True) -> tokenizers.Tokenizer:
+  """A user's tokenizer: a WordPiece ``vocab.txt`` or a ``tokenizer.json``.
+
+  Args:
+    path: ``config.tokenizer``. A ``.json`` file is a ``tokenizers``
+      tokenizer, used as it is; any other file is a WordPiece vocabulary, one
+      token per line (BERT's ``vocab.txt``), given BERT's normalisation and
+      pre-tokenisation (``tokenizers.BertWordPieceTokenizer``).
+    lowercase: For a ``vocab.txt``: lower-case and strip accents (BERT's
+      uncased models) or not (cased).
+
+  Returns:
+    The tokenizer.
+
+  Raises:
+    ValueError: if ``path`` is not a file, is not a tokenizer, or lacks one
+      of [PAD], [UNK], [CLS], [SEP], [MASK].
+  """
+  if not os.path.isfile(path):
+    raise ValueError(f"`tokenizer`: no such file: {path!r} (expected a "
+                     "WordPiece vocab.txt or a tokenizer.json).")
+  if path.endswith(".json"):
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ValueError(f"`tokenizer`: {path!r} is not a tokenizers JSON "
+                       f"file ({e}).") from e
+    _check_special_tokens(tokenizer.get_vocab(), path)
+    return tokenizer
+  with open(path, encoding="utf-8") as f:
+    _check_special_tokens({line.rstrip("\n") for line in f}, path)
+  return tokenizers.BertWordPieceTokenizer(
+      path, lowercase=lowercase)._tokenizer  # pylint: disable=protected-access
+
+
 def token_stream(tokenizer: tokenizers.Tokenizer,
                  docs: Sequence[str]) -> np.ndarray:
   """int32 ids of ``docs`` (no [CLS]), each document followed by [SEP]."""
@@ -281,11 +495,13 @@ def max_predictions(seq_length: int, mask_rate: float = 0.15) -> int:
 
 def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator,
                 vocab_size: int, mask_rate: float = 0.15,
-                num_predictions: Optional[int] = None) -> dict[str, np.ndarray]:
+                num_predictions: Optional[int] = None, *,
+                special_ids: SpecialIds = SpecialIds()
+                ) -> dict[str, np.ndarray]:
   """BERT's masking of a (batch, length) int array.
 
   In each row, ``round(mask_rate * n)`` of the ``n`` non-special tokens
-  (ids >= ``len(SPECIAL_TOKENS)``) are chosen uniformly without replacement
+  (ids other than ``special_ids``) are chosen uniformly without replacement
   (at most ``num_predictions``); each chosen token becomes [MASK] with
   probability 0.8, a uniformly random non-special token with probability
   0.1, and stays with probability 0.1.
@@ -299,7 +515,10 @@ def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator,
   batch, length = input_ids.shape
   if num_predictions is None:
     num_predictions = max_predictions(length, mask_rate)
-  candidate = input_ids >= len(SPECIAL_TOKENS)
+  specials = sorted(special_ids.ids)
+  candidate = input_ids != specials[0]
+  for special in specials[1:]:
+    candidate &= input_ids != special
   num_candidates = candidate.sum(axis=1)
   num_masked = np.minimum(np.rint(mask_rate * num_candidates).astype(np.int64),
                           num_predictions)
@@ -313,27 +532,33 @@ def mask_tokens(input_ids: np.ndarray, rng: np.random.Generator,
   masked_ids = np.where(weights, input_ids[rows, positions], 0)
 
   action = rng.random((batch, num_predictions))
-  random_ids = rng.integers(len(SPECIAL_TOKENS), vocab_size,
+  # Uniform over the non-special ids: a draw from [0, vocab - #specials),
+  # stepped past each special id in increasing order.
+  random_ids = rng.integers(0, vocab_size - len(specials),
                             size=(batch, num_predictions))
-  replacement = np.where(action < 0.8, MASK_ID,
+  for special in specials:
+    random_ids += random_ids >= special
+  replacement = np.where(action < 0.8, special_ids.mask,
                          np.where(action < 0.9, random_ids, masked_ids))
   out = input_ids.copy()
   # Padding slots (weight 0) point at position 0, which they leave as is.
   out[rows, positions] = np.where(weights, replacement, out[rows, positions])
   return {
       "input_ids": out.astype(np.int32),
-      "input_mask": (input_ids != PAD_ID).astype(np.int32),
+      "input_mask": (input_ids != special_ids.pad).astype(np.int32),
       "masked_positions": positions.astype(np.int32),
       "masked_ids": masked_ids.astype(np.int32),
       "masked_weights": weights.astype(np.float32),
   }
 
 
-def _frame(windows: np.ndarray) -> np.ndarray:
+def _frame(windows: np.ndarray,
+           special_ids: SpecialIds = SpecialIds()) -> np.ndarray:
   """[CLS] + window + [SEP] for each row."""
   batch = windows.shape[0]
-  return np.concatenate([np.full((batch, 1), CLS_ID, np.int32), windows,
-                         np.full((batch, 1), SEP_ID, np.int32)], axis=1)
+  return np.concatenate(
+      [np.full((batch, 1), special_ids.cls, np.int32), windows,
+       np.full((batch, 1), special_ids.sep, np.int32)], axis=1)
 
 
 def train_batch(stream: np.ndarray, step: int, batch_size: int,
@@ -370,15 +595,156 @@ def constant_baseline(masked_ids: np.ndarray,
   The most frequent target among the given (held-out) masked tokens, so no
   constant prediction does better on them.
   """
-  targets = masked_ids[masked_weights > 0]
-  counts = np.bincount(targets)
-  best = int(np.argmax(counts))
-  return best, float(counts[best] / max(1, len(targets)))
+  return best_constant(np.bincount(masked_ids[masked_weights > 0]))
 
 
-def describe(corpus: Corpus, tokenizer: tokenizers.Tokenizer,
-             train_stream: np.ndarray, held_out_stream: np.ndarray) -> str:
-  return (f"data: {corpus.name}; {len(corpus.train)} training documents "
-          f"({len(train_stream):,} tokens), {len(corpus.held_out)} held out "
-          f"({len(held_out_stream):,} tokens); WordPiece vocabulary "
-          f"{tokenizer.get_vocab_size():,}")
+def best_constant(target_counts: np.ndarray) -> tuple[int, float]:
+  """The most frequent target of ``target_counts[id]``: (id, its share)."""
+  best = int(np.argmax(target_counts))
+  return best, float(target_counts[best] / max(1, np.sum(target_counts)))
+
+
+# ----------------------------------------------------------------------------
+# The grain pipeline over prepared shards (see prepare_data.py).
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedExample(grain.transforms.RandomMap):
+  """A shard record (a window of token ids) -> one masked BERT example.
+
+  [CLS] + window + [SEP], then ``mask_tokens`` with the generator that grain
+  derives from the map's seed and the example's index in the dataset.
+  """
+  vocab_size: int
+  token_dtype: str
+  special_ids: SpecialIds = SpecialIds()
+  mask_rate: float = 0.15
+
+  def random_map(self, element: bytes,
+                 rng: np.random.Generator) -> dict[str, np.ndarray]:
+    window = np.frombuffer(element, self.token_dtype).astype(np.int32)
+    example = mask_tokens(_frame(window[None], self.special_ids), rng,
+                          self.vocab_size, self.mask_rate,
+                          special_ids=self.special_ids)
+    return {k: v[0] for k, v in example.items()}
+
+
+def grain_seed(*numbers: int) -> int:
+  """A 32-bit seed for a grain transformation, from (config.seed, ...)."""
+  return int(np.random.SeedSequence(numbers).generate_state(1)[0])
+
+
+# The last argument of grain_seed for each random transformation.
+_SHUFFLE, _MASK, _EVAL = 0, 1, 2
+
+
+def train_dataset(source: grain.sources.RandomAccessDataSource,
+                  masking: MaskedExample, *, batch_size: int,
+                  num_micro_batches: int, shard_index: int = 0,
+                  shard_count: int = 1, seed: int = 0,
+                  phase: int = 0) -> grain.MapDataset:
+  """One process's rows of every training batch, as a grain ``MapDataset``.
+
+  The stream is the source repeated, each epoch in a new seeded permutation
+  (grain's ``shuffle`` then ``repeat``), each example masked with a
+  generator derived from (seed, its index in the stream) (``random_map``).
+  The global batch of step ``s`` is examples ``[s B, (s + 1) B)`` of the
+  stream, and micro-batch ``m`` its rows ``[m M, (m + 1) M)``
+  (``M = B / num_micro_batches``). Each micro-batch is cut into
+  ``shard_count`` consecutive blocks of rows, and this dataset holds block
+  ``shard_index`` of each, by grain's sharding by slicing
+  (``[index::count]``): the rows that this process's devices hold in the
+  global array. No other row is read or masked.
+
+  Args:
+    source: The training examples of one sequence length.
+    masking: The per-example map.
+    batch_size: The global batch ``B``.
+    num_micro_batches: Micro-batches per step.
+    shard_index: This process's block of rows (``utils.process_rows``).
+    shard_count: Blocks per micro-batch (the processes).
+    seed: ``config.seed``.
+    phase: The phase's index: each phase has its own order and masks.
+
+  Returns:
+    A dataset whose element ``s`` is the dict of step ``s``'s arrays, of
+    shape ``(num_micro_batches, M / shard_count, ...)``.
+  """
+  micro_batch, remainder = divmod(batch_size, num_micro_batches)
+  if remainder or micro_batch % shard_count:
+    raise ValueError(
+        f"`global_batch_size`/`phase_batch_sizes`: the global batch "
+        f"{batch_size} must split into {num_micro_batches} micro-batches "
+        f"whose size is a multiple of {shard_count} (the processes: one "
+        "block of rows each).")
+  dataset = grain.MapDataset.source(source)
+  dataset = dataset.shuffle(seed=grain_seed(seed, phase, _SHUFFLE)).repeat()
+  dataset = dataset.random_map(masking, seed=grain_seed(seed, phase, _MASK))
+  dataset = dataset.batch(micro_batch // shard_count)
+  return dataset[shard_index::shard_count].batch(num_micro_batches)
+
+
+def eval_dataset(source: grain.sources.RandomAccessDataSource,
+                 masking: MaskedExample, *, batch_size: int,
+                 max_examples: Optional[int] = None, shard_index: int = 0,
+                 shard_count: int = 1, seed: int = 0) -> grain.MapDataset:
+  """One process's rows of every evaluation batch: each example once.
+
+  The first ``max_examples`` held-out examples, masked once (a fixed seed),
+  then padded with rows of zeros (``masked_weights`` 0, so they count for
+  nothing) to a whole number of global batches; this process's block of
+  rows of each batch, as in ``train_dataset``.
+
+  Args:
+    source: The held-out examples of one sequence length.
+    masking: The per-example map.
+    batch_size: The global evaluation batch (a multiple of ``shard_count``).
+    max_examples: At most this many examples (None: all).
+    shard_index: This process's block of rows.
+    shard_count: Blocks per batch.
+    seed: ``config.seed``.
+
+  Returns:
+    A finite dataset of dicts of arrays of shape ``(batch_size /
+    shard_count, ...)``.
+  """
+  if batch_size % shard_count:
+    raise ValueError(f"`eval_batch_size`: the evaluation batch {batch_size} "
+                     f"must be a multiple of the {shard_count} processes.")
+  count = len(source) if max_examples is None else min(len(source),
+                                                       max_examples)
+  dataset = grain.MapDataset.source(source)[:count]
+  dataset = dataset.random_map(masking, seed=grain_seed(seed, _EVAL))
+  padding = -count % batch_size
+  if padding:
+    blank = {k: np.zeros_like(v) for k, v in dataset[0].items()}
+    dataset = grain.MapDataset.concatenate(
+        [dataset, grain.MapDataset.source([blank] * padding)])
+  return dataset.batch(batch_size // shard_count)[shard_index::shard_count]
+
+
+def make_iterator(dataset: grain.MapDataset, *, workers: int = 0,
+                  prefetch: int = 2) -> grain.DatasetIterator:
+  """A checkpointable iterator over ``dataset`` (``get_state``/``set_state``).
+
+  Args:
+    dataset: ``train_dataset`` or ``eval_dataset``.
+    workers: Processes that compute elements ahead (grain's ``mp_prefetch``,
+      each worker a slice of the elements); 0: threads of this process.
+    prefetch: Elements (steps) read ahead, per worker; 0: none, each read
+      when asked for.
+
+  Returns:
+    The iterator.
+  """
+  read_options = grain.ReadOptions(num_threads=1 if prefetch else 0,
+                                   prefetch_buffer_size=prefetch)
+  iter_dataset = dataset.to_iter_dataset(read_options)
+  if workers:
+    if not flags.FLAGS.is_parsed():
+      # mp_prefetch reads grain's absl flags; outside an absl app (a test,
+      # a notebook) none were parsed: take their defaults.
+      flags.FLAGS.mark_as_parsed()
+    iter_dataset = iter_dataset.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+  return iter(iter_dataset)

@@ -17,13 +17,17 @@
 * One ``jax.jit`` over a ``Mesh`` of all devices: the batch is sharded over
   the ``"data"`` axis; with ``fsdp`` the parameters and optimizer state are
   sharded over it too (``utils.py``).
-* The batch of step ``s`` is a pure function of ``(seed, s)``, so a run
-  resumed from a checkpoint continues exactly as if never stopped.
+* The data: tokenised shards prepared once (``prepare_data.py``; on first
+  use into ``WORKDIR/data``, by process 0) and read with grain
+  (``input_pipeline.train_dataset``): each process reads only its own rows
+  of every global batch, and the global arrays are assembled from them
+  (``utils.global_batch``). The grain iterator's state is saved with each
+  checkpoint, so a resumed run continues exactly as if never stopped.
 
 Outputs in the workdir: ``metrics.jsonl``, TensorBoard events
 (``tensorboard/``), ``training.png``, ``summary.json`` (``metrics.py``),
-orbax checkpoints (``checkpoints/``, ``utils.py``) and the cached tokenizer
-(``tokenizer/``).
+orbax checkpoints (``checkpoints/``, ``utils.py``) and, unless
+``config.data_dir`` points elsewhere, the shards and tokenizer (``data/``).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import time
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -45,6 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import input_pipeline
 import metrics as metrics_lib
 import models
+import prepare_data
 import utils
 from configs import default as default_config
 
@@ -138,9 +144,10 @@ def make_phases(config: ml_collections.ConfigDict,
       num_micro = 1
     if batch % num_micro or (batch // num_micro) % num_devices:
       raise ValueError(
-          f"Phase {i + 1}: the global batch {batch} must split into "
-          f"{num_micro} micro-batches whose size is a multiple of the "
-          f"{num_devices} devices.")
+          f"`global_batch_size`/`phase_batch_sizes`, phase {i + 1}: the "
+          f"global batch {batch} must split into {num_micro} micro-batches "
+          f"(`num_micro_batches`/`micro_batch_size`) whose size is a "
+          f"multiple of the {num_devices} devices.")
     if seq_lengths[i] > config.max_position_embeddings:
       raise ValueError(f"Sequence length {seq_lengths[i]} exceeds "
                        f"`max_position_embeddings`.")
@@ -327,11 +334,19 @@ def make_train_step(model: models.BertMLM, tx: optax.GradientTransformation,
 
 
 def make_eval_step(model: models.BertMLM) -> Callable:
-  """``(params, batch) -> (loss_sum, correct, count)`` (see ``mlm_sums``)."""
+  """``(params, batch) -> (sums, target_counts)``.
+
+  ``sums``: ``(loss_sum, correct, count)`` (see ``mlm_sums``);
+  ``target_counts``: how often each token id is a masked target, for the
+  best constant prediction (``input_pipeline.best_constant``).
+  """
   def eval_step(params, batch):
     logits = model.apply({"params": params}, batch["input_ids"],
                          batch["input_mask"], batch["masked_positions"])
-    return mlm_sums(logits, batch)
+    target_counts = jnp.zeros(model.config.vocab_size, jnp.float32).at[
+        batch["masked_ids"].reshape(-1)].add(
+            batch["masked_weights"].reshape(-1))
+    return jnp.stack(mlm_sums(logits, batch)), target_counts
   return eval_step
 
 
@@ -350,16 +365,84 @@ def micro_batched(batch: dict[str, np.ndarray],
 
 
 def evaluate(eval_step, params, batches: list[dict[str, jax.Array]]
-             ) -> dict[str, float]:
-  """Held-out loss and accuracy over all masked tokens of ``batches``."""
-  totals = np.zeros(3)
+             ) -> dict[str, Any]:
+  """Held-out loss, accuracy and the best constant over ``batches``.
+
+  Returns:
+    ``loss`` and ``mlm_accuracy`` over all masked tokens, their number
+    ``masked_tokens``, and ``baseline_id``/``baseline_accuracy``: the most
+    frequent masked target and the accuracy of always predicting it.
+  """
+  totals, target_counts = np.zeros(3), 0.0
   for batch in batches:
-    totals += np.asarray(jax.device_get(eval_step(params, batch)),
-                         np.float64)
+    sums, counts = jax.device_get(eval_step(params, batch))
+    totals += np.asarray(sums, np.float64)
+    target_counts = target_counts + np.asarray(counts, np.float64)
   loss_sum, correct, count = totals
+  baseline_id, baseline_accuracy = input_pipeline.best_constant(target_counts)
   return {"loss": loss_sum / max(count, 1.0),
           "mlm_accuracy": correct / max(count, 1.0),
-          "masked_tokens": int(count)}
+          "masked_tokens": int(count), "baseline_id": baseline_id,
+          "baseline_accuracy": baseline_accuracy}
+
+
+# ----------------------------------------------------------------------------
+# Data: this process's rows (input_pipeline.py), global arrays (utils.py).
+
+
+def train_iterator(config: ml_collections.ConfigDict,
+                   data: prepare_data.PreparedData, phase: Phase,
+                   rows: tuple[int, int]) -> grain.DatasetIterator:
+  """The phase's batches: this process's block ``rows`` of each, by grain."""
+  dataset = input_pipeline.train_dataset(
+      data.source("train", phase.seq_length), data.masking(config.mask_rate),
+      batch_size=phase.batch_size, num_micro_batches=phase.num_micro_batches,
+      shard_index=rows[0], shard_count=rows[1], seed=config.seed,
+      phase=phase.index)
+  return input_pipeline.make_iterator(dataset, workers=config.data_workers,
+                                      prefetch=config.prefetch_batches)
+
+
+def local_example_index(phase: Phase, rows: tuple[int, int]) -> np.ndarray:
+  """Each local row's index in the global batch (``add_example_index``)."""
+  index = micro_batched(
+      add_example_index({"input_ids": np.zeros(phase.batch_size)}),
+      phase.num_micro_batches)["example_index"]
+  block = index.shape[1] // rows[1]
+  return index[:, rows[0] * block:(rows[0] + 1) * block]
+
+
+def held_out_batches(config: ml_collections.ConfigDict,
+                     data: prepare_data.PreparedData, seq_length: int,
+                     mesh: Mesh, rows: tuple[int, int]
+                     ) -> tuple[list[dict[str, jax.Array]], int]:
+  """Held-out examples of one length as global batches, and their number.
+
+  Up to ``config.eval_examples`` examples, each once, in batches of
+  ``config.eval_batch_size`` rounded down to a multiple of the devices (at
+  least one example per device); the last batch is padded with weightless
+  rows (``input_pipeline.eval_dataset``).
+  """
+  num_devices = mesh.shape[DATA_AXIS]
+  size = max(num_devices, config.eval_batch_size
+             - config.eval_batch_size % num_devices)
+  source = data.source("held_out", seq_length)
+  dataset = input_pipeline.eval_dataset(
+      source, data.masking(config.mask_rate), batch_size=size,
+      max_examples=config.eval_examples or None, shard_index=rows[0],
+      shard_count=rows[1], seed=config.seed)
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  iterator = input_pipeline.make_iterator(dataset)
+  batches = [utils.global_batch(local, sharding) for local in iterator]
+  _close(iterator)
+  return batches, min(len(source), config.eval_examples or len(source))
+
+
+def _close(iterator) -> None:
+  """Stops a grain iterator's prefetching (threads, worker processes)."""
+  close = getattr(iterator, "close", None)
+  if close is not None:
+    close()
 
 
 # ----------------------------------------------------------------------------
@@ -400,9 +483,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   # in a second, not after the tokenizer is trained).
   mesh = utils.make_mesh(config.num_devices)
   num_devices = mesh.shape[DATA_AXIS]
+  rows = utils.process_rows(mesh)  # This process's block of every batch.
   phases = make_phases(config, num_devices)
   schedule = learning_rate_schedule(phases)
-  bert_config = model_config(config)
+  # A user's tokenizer (config.tokenizer) sets the vocabulary size.
+  bert_config = dataclasses.replace(
+      model_config(config),
+      vocab_size=prepare_data.model_vocab_size(config))
   boxed_shapes = models.init_shapes(bert_config)
   params_shape = nn.unbox(boxed_shapes)
   num_params = models.count_params(boxed_shapes)
@@ -419,18 +506,12 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   log_ratios = metrics_lib.has_trust_ratios(
       jax.eval_shape(tx.init, params_shape))
 
-  # Data.
-  corpus = input_pipeline.load_corpus(config.corpus, config.held_out_percent)
-  tokenizer, tokenizer_cached = input_pipeline.cached_tokenizer(
-      corpus, config.vocab_size, os.path.join(workdir, "tokenizer"),
-      config.lowercase)
-  token_vocab = tokenizer.get_vocab_size()
-  train_stream = input_pipeline.token_stream(tokenizer, corpus.train)
-  held_out_stream = input_pipeline.token_stream(tokenizer, corpus.held_out)
+  # Data: the shards, prepared by process 0 unless already there.
+  data = prepare_data.prepare_and_load(
+      config, prepare_data.data_directory(config, workdir), is_chief=is_chief,
+      wait=utils.sync_processes)
   if is_chief:
-    print(input_pipeline.describe(corpus, tokenizer, train_stream,
-                                  held_out_stream)
-          + (" (cached)" if tokenizer_cached else " (trained)"), flush=True)
+    print(data.describe(), flush=True)
 
   # Scanned or not, the same initial weights (see models.stack_layers).
   init_model = models.BertMLM(dataclasses.replace(bert_config,
@@ -453,13 +534,22 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       os.path.abspath(os.path.join(workdir, "checkpoints")),
       options=ocp.CheckpointManagerOptions(
           max_to_keep=config.max_checkpoints_to_keep, create=True))
-  start_step = 0
-  if manager.latest_step() is not None:
+  total_steps = phases[-1].last_step
+
+  def phase_of(step: int) -> Phase:
+    return next(p for p in phases if p.first_step <= step <= p.last_step)
+
+  start_step, iterator, iterator_phase = 0, None, None
+  latest = manager.latest_step()
+  if latest is not None:
+    # The data iterator continues where it was, unless a phase starts.
+    if latest < total_steps and phase_of(latest + 1) == phase_of(latest):
+      iterator_phase = phase_of(latest)
+      iterator = train_iterator(config, data, iterator_phase, rows)
     params, opt_state, start_step = utils.restore_checkpoint(
-        manager, manager.latest_step(), params, opt_state, config.seed)
+        manager, latest, params, opt_state, config.seed, iterator)
     if is_chief:
       print(f"resuming from the checkpoint of step {start_step}", flush=True)
-  total_steps = phases[-1].last_step
   end_step = (min(total_steps, config.stop_at_step) if config.stop_at_step
               else total_steps)
 
@@ -495,32 +585,24 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                       in_shardings=(params_sharding,
                                     NamedSharding(mesh, P(DATA_AXIS))),
                       out_shardings=replicated)
-  eval_sets = {}  # seq_length -> (batches, baseline id and accuracy, count)
+  eval_sets = {}  # seq_length -> (global batches, number of sequences)
   writer = metrics_lib.MetricWriter(workdir, start_step, enabled=is_chief)
 
   def run_eval(step: int, phase: Phase) -> dict[str, Any]:
     if phase.seq_length not in eval_sets:
-      examples = input_pipeline.eval_batches(
-          held_out_stream, phase.seq_length, token_vocab, config.seed,
-          config.eval_examples, config.mask_rate)
-      eval_sets[phase.seq_length] = (
-          utils.global_eval_batches(examples, config.eval_batch_size, mesh),
-          *input_pipeline.constant_baseline(examples["masked_ids"],
-                                            examples["masked_weights"]),
-          len(examples["input_ids"]))
-    batches, baseline_id, baseline_acc, count = eval_sets[phase.seq_length]
+      eval_sets[phase.seq_length] = held_out_batches(
+          config, data, phase.seq_length, mesh, rows)
+    batches, count = eval_sets[phase.seq_length]
     result = evaluate(eval_step, params, batches)
     row = {"kind": "eval", "step": step, "phase": phase.index + 1,
            "seq_length": phase.seq_length, "loss": result["loss"],
            "mlm_accuracy": result["mlm_accuracy"],
-           "baseline_accuracy": baseline_acc,
+           "baseline_accuracy": result["baseline_accuracy"],
            "masked_tokens": result["masked_tokens"], "sequences": count,
-           "baseline_token": tokenizer.id_to_token(baseline_id)}
+           "baseline_token": data.tokenizer.id_to_token(
+               result["baseline_id"])}
     writer.write(row)
     return row
-
-  def phase_of(step: int) -> Phase:
-    return next(p for p in phases if p.first_step <= step <= p.last_step)
 
   progress = None
   if is_chief and config.progress_bar and end_step > start_step:
@@ -532,12 +614,13 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   t_log, tokens_since_log, steps_since_log = t_train, 0, 0
   for step in range(start_step + 1, end_step + 1):
     phase = phase_of(step)
-    batch = input_pipeline.train_batch(
-        train_stream, step, phase.batch_size, phase.seq_length, token_vocab,
-        config.seed, config.mask_rate)
-    batch = utils.to_global(micro_batched(add_example_index(batch),
-                                          phase.num_micro_batches),
-                            batch_sharding)
+    if phase != iterator_phase:
+      _close(iterator)
+      iterator, iterator_phase = (train_iterator(config, data, phase, rows),
+                                  phase)
+    local = next(iterator)  # This process's rows of the step's batch.
+    local["example_index"] = local_example_index(phase, rows)
+    batch = utils.global_batch(local, batch_sharding)
     params, opt_state, step_metrics = train_step_for(phase)(
         params, opt_state, batch, jnp.int32(step))
     tokens_since_log += phase.batch_size * phase.seq_length
@@ -574,8 +657,10 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
             f"{eval_row['mlm_accuracy']:.3f} (loss {eval_row['loss']:.3f}, "
             f"best constant {eval_row['baseline_accuracy']:.3f})")
     if step % config.checkpoint_every == 0 or step == end_step:
-      utils.save_checkpoint(manager, step, params, opt_state, config.seed)
+      utils.save_checkpoint(manager, step, params, opt_state, config.seed,
+                            iterator)
   train_time = time.perf_counter() - t_train
+  _close(iterator)
   if progress is not None:
     progress.close()
   manager.wait_until_finished()
@@ -604,7 +689,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       "train_time_s": train_time,
       "wall_time_s": time.perf_counter() - t_start,
       "tokens_per_sec": tokens_run / train_time if tokens_run else None,
-      "tokenizer_cached": tokenizer_cached,
+      "data_prepared": data.prepared_now,
   }
   if is_chief:
     metrics_lib.write_summary(workdir, summary)

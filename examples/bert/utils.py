@@ -2,13 +2,15 @@
 
 * ``maybe_initialize_distributed``: ``jax.distributed.initialize()`` under a
   multi-process launch.
-* ``make_mesh``, ``param_sharding``, ``to_global``, ``global_eval_batches``:
-  one ``Mesh`` of all devices with a ``"data"`` axis; the batch is sharded
-  over it and, with FSDP, the large parameters (and their optimizer state)
-  too.
+* ``make_mesh``, ``param_sharding``: one ``Mesh`` of all devices with a
+  ``"data"`` axis; the batch is sharded over it and, with FSDP, the large
+  parameters (and their optimizer state) too.
+* ``process_rows``, ``global_batch``: which block of a batch's rows this
+  process reads, and global arrays assembled from every process's block
+  (``jax.make_array_from_process_local_data``).
 * ``checkpoint_tree``, ``save_checkpoint``, ``restore_checkpoint``: what an
-  orbax checkpoint holds (params, optimizer state, step and data position),
-  built by one function for both saving and restoring.
+  orbax checkpoint holds (params, optimizer state, step and seed, built by one
+  function for both saving and restoring, and the grain iterator's state).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ import os
 from typing import Any
 
 import flax.linen as nn
+import grain
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -56,12 +60,62 @@ def maybe_initialize_distributed(mode: str) -> None:
       maybe_initialize_distributed.done = True
 
 
+def sync_processes(name: str = "lamb_optax_bert") -> None:
+  """A barrier of all processes (nothing to wait for in a single process)."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
 def make_mesh(num_devices: int = 0) -> Mesh:
-  """A one-axis (``"data"``) mesh of the first ``num_devices`` (0: all)."""
-  devices = jax.devices()
+  """A one-axis (``"data"``) mesh of the first ``num_devices`` (0: all).
+
+  The devices are in process order (then by id), so each process's devices
+  are one block of the axis and it reads one block of each batch's rows
+  (``process_rows``).
+  """
+  devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
   if num_devices:
     devices = devices[:num_devices]
   return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def process_rows(mesh: Mesh) -> tuple[int, int]:
+  """This process's block of the rows of a batch sharded over ``"data"``.
+
+  Args:
+    mesh: The mesh of :func:`make_mesh`.
+
+  Returns:
+    ``(index, count)``: the rows are cut into ``count`` equal blocks of
+    consecutive rows, one per process, and this process's devices hold block
+    ``index`` (``(jax.process_index(), jax.process_count())`` for the mesh
+    of ``make_mesh`` with all devices).
+
+  Raises:
+    ValueError: if this process's devices are not one block of the axis.
+  """
+  size = mesh.shape[DATA_AXIS]
+  indices = NamedSharding(mesh, P(DATA_AXIS)).addressable_devices_indices_map(
+      (size,))
+  rows = sorted(index[0].start or 0 for index in indices.values())
+  if not rows or rows != list(range(rows[0], rows[0] + len(rows))) or (
+      rows[0] % len(rows) or size % len(rows)):
+    raise ValueError(
+        f"`num_devices`: process {jax.process_index()} holds rows {rows} of "
+        f"the {size} devices of the mesh, not one block; in a multi-process "
+        "job use all devices (num_devices=0).")
+  return rows[0] // len(rows), size // len(rows)
+
+
+def global_batch(local: dict[str, np.ndarray],
+                 sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Global arrays from this process's block of rows of each leaf.
+
+  ``sharding`` splits the rows axis over ``"data"``; every process passes
+  its own block (``process_rows``), and the global shape follows.
+  """
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in local.items()}
 
 
 def param_sharding(boxed_params, mesh: Mesh, fsdp: bool, min_size: int):
@@ -97,39 +151,12 @@ def param_sharding(boxed_params, mesh: Mesh, fsdp: bool, min_size: int):
                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def to_global(batch: dict[str, np.ndarray], sharding) -> dict[str, jax.Array]:
-  """Host numpy (the same global batch on every process) -> global arrays."""
-  return {k: jax.make_array_from_callback(v.shape, sharding,
-                                          lambda index, v=v: v[index])
-          for k, v in batch.items()}
-
-
-def global_eval_batches(examples: dict[str, np.ndarray], batch_size: int,
-                 mesh: Mesh) -> list[dict[str, jax.Array]]:
-  """Held-out examples as global batches, sharded over ``"data"``.
-
-  The batch size is rounded down to a multiple of the devices (at least one
-  example per device), and the last batch is padded with rows of zeros, whose
-  ``masked_weights`` are zero, so they count for nothing.
-  """
-  num_devices = mesh.shape[DATA_AXIS]
-  size = max(num_devices, batch_size - batch_size % num_devices)
-  count = len(examples["input_ids"])
-  padded = -(-count // size) * size
-  examples = {k: np.concatenate([v, np.zeros((padded - count,) + v.shape[1:],
-                                             v.dtype)])
-              for k, v in examples.items()}
-  sharding = NamedSharding(mesh, P(DATA_AXIS))
-  return [to_global({k: v[i:i + size] for k, v in examples.items()}, sharding)
-          for i in range(0, padded, size)]
-
-
 # ----------------------------------------------------------------------------
 # Checkpoints.
 
 
 def checkpoint_tree(params, opt_state, step: int, seed: int) -> dict[str, Any]:
-  """What a checkpoint holds after ``step``: train state and data position.
+  """What a checkpoint's ``state`` item holds after ``step``.
 
   The same function builds the tree that is saved and (with any ``step`` and
   ``seed``, only shapes, dtypes and shardings count) the target it is
@@ -139,7 +166,8 @@ def checkpoint_tree(params, opt_state, step: int, seed: int) -> dict[str, Any]:
     params: The parameters.
     opt_state: The optimizer state.
     step: The last step trained (1-based; 0 before the first).
-    seed: ``config.seed``: with the next step, where the data stream is.
+    seed: ``config.seed``: the data stream's seed (the grain iterator's
+      state, saved beside, is its position).
 
   Returns:
     ``{"params", "opt_state", "step", "data": {"seed", "next_step"}}``, the
@@ -152,14 +180,29 @@ def checkpoint_tree(params, opt_state, step: int, seed: int) -> dict[str, Any]:
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, params,
-                    opt_state, seed: int) -> None:
-  """Saves the state after ``step`` (asynchronously: see orbax)."""
-  manager.save(step, args=ocp.args.StandardSave(
-      checkpoint_tree(params, opt_state, step, seed)))
+                    opt_state, seed: int, data_iterator=None) -> None:
+  """Saves the state after ``step`` (asynchronously: see orbax).
+
+  Args:
+    manager: The checkpoint manager of the workdir.
+    step: The last step trained.
+    params: The parameters.
+    opt_state: The optimizer state.
+    seed: ``config.seed``.
+    data_iterator: The grain iterator that gave step ``step``'s batch: its
+      state is saved as the ``data_iterator`` item (one file per process,
+      grain's orbax handler), taken now, before the next batch is read.
+  """
+  items = {"state": ocp.args.StandardSave(
+      checkpoint_tree(params, opt_state, step, seed))}
+  if data_iterator is not None:
+    items["data_iterator"] = grain.checkpoint.CheckpointSave(data_iterator)
+  manager.save(step, args=ocp.args.Composite(**items))
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, step: int, params,
-                       opt_state, seed: int) -> tuple[Any, Any, int]:
+                       opt_state, seed: int, data_iterator=None
+                       ) -> tuple[Any, Any, int]:
   """Restores the checkpoint of ``step`` like ``params`` and ``opt_state``.
 
   Args:
@@ -169,6 +212,9 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, params,
       dtypes and shardings the restored ones take.
     opt_state: Likewise for the optimizer state.
     seed: ``config.seed``; the checkpoint must have been trained with it.
+    data_iterator: A fresh grain iterator of the same pipeline: its state is
+      set to the saved one (None: not restored, e.g. when the next step
+      starts a new phase).
 
   Returns:
     ``(params, opt_state, step)`` restored.
@@ -179,7 +225,10 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, params,
   """
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct,
                         checkpoint_tree(params, opt_state, 0, 0))
-  restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+  items = {"state": ocp.args.StandardRestore(target)}
+  if data_iterator is not None:
+    items["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  restored = manager.restore(step, args=ocp.args.Composite(**items))["state"]
   saved_seed = int(restored["data"]["seed"])
   if saved_seed != seed:
     raise ValueError(

@@ -22,14 +22,27 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   # Data. "builtin": Python's own documentation (offline); or a path to a
-  # .txt file or a directory of .txt files.
+  # text, .jsonl or .parquet file or a directory of them.
   config.corpus = "builtin"
+  config.text_field = "text"  # The text's field (.jsonl) or column (.parquet).
   config.held_out_percent = 10
-  config.vocab_size = 4096  # WordPiece vocabulary = embedding rows.
+  # A WordPiece vocab.txt or a tokenizer.json; "": train one on the corpus.
+  config.tokenizer = ""
+  # WordPiece vocabulary trained when `tokenizer` is unset = embedding rows
+  # (with `tokenizer`, its vocabulary size is used).
+  config.vocab_size = 4096
   config.lowercase = True
   config.mask_rate = 0.15
   config.eval_examples = 512  # Held-out sequences per evaluation (at most).
   config.eval_batch_size = 128
+  # The tokenised shards (prepare_data.py): "" is WORKDIR/data, prepared on
+  # first use.
+  config.data_dir = ""
+  config.examples_per_shard = 65536
+  # grain: worker processes (0: a thread of the training process) and steps
+  # read ahead.
+  config.data_workers = 0
+  config.prefetch_batches = 2
 
   # Model (BERT's post-LayerNorm encoder + MLM head).
   config.hidden_size = 128
