@@ -26,21 +26,54 @@ import optax
 
 import lamb_optax
 
-OPTIMIZERS = ("lamb", "adamw", "lars", "nesterov")
+import tasks as tasks_lib
+
+OPTIMIZERS = ("lamb", "adamw", "lars", "nesterov", "muon")
 # Optimizers whose state holds per-layer trust ratios.
 TRUST_RATIO_OPTIMIZERS = ("lamb", "lars")
+# Muon's update RMS matched to AdamW's (Liu et al., 2025, "Muon is scalable
+# for LLM training"), so that one learning rate serves its orthogonalised
+# matrices and its AdamW fallback.
+MUON_CONSISTENT_RMS = 0.2
 
 
-def make_optimizer(name: str, hyper: ml_collections.ConfigDict
+def muon_dimension_numbers(orthogonalised: Callable[[Any], Any]
+                           ) -> Callable[[Any], Any]:
+  """``params -> {leaf: MuonDimensionNumbers() or None}`` for optax's muon.
+
+  ``orthogonalised(params)`` is a tree of bools: True for the 2-D weight
+  matrices of hidden layers (Muon's Newton-Schulz update), False for the
+  leaves that get its AdamW fallback.
+  """
+  def dimension_numbers(params):
+    return jax.tree.map(
+        lambda m: optax.contrib.MuonDimensionNumbers() if m else None,
+        orthogonalised(params))
+  return dimension_numbers
+
+
+def make_optimizer(name: str, hyper: ml_collections.ConfigDict,
+                   orthogonalised: Optional[Callable[[Any], Any]] = None
                    ) -> optax.GradientTransformation:
   """``name`` with BERT's exclusions and a learning rate to inject.
 
-  Biases and LayerNorm parameters get no weight decay (all four) and no
-  trust ratio (LAMB, LARS): :func:`lamb_optax.masks.exclude_bias_and_norm`.
-  The returned transform's state holds ``hyperparams["learning_rate"]``
-  (initially 0), which the caller sets before each update.
+  Biases and LayerNorm parameters get no weight decay (LAMB, AdamW, LARS,
+  Nesterov) and no trust ratio (LAMB, LARS):
+  :func:`lamb_optax.masks.exclude_bias_and_norm`. Muon
+  (:func:`optax.contrib.muon`) orthogonalises the leaves where
+  ``orthogonalised(params)`` is True (the hidden layers' 2-D weight
+  matrices) and gives every other leaf (embeddings, the output head, biases,
+  LayerNorm) its AdamW fallback, with one learning rate for both
+  (``consistent_rms``) and, as optax's muon does, the fallback's weight
+  decay on all of its leaves. beta2 (``hyper.b2``) is the same at every
+  batch size. The returned transform's state holds
+  ``hyperparams["learning_rate"]`` (initially 0), which the caller sets
+  before each update.
   """
   mask = lamb_optax.masks.exclude_bias_and_norm()
+  if name not in OPTIMIZERS:
+    raise ValueError(f"`optimizers` has an unknown optimizer {name!r}; "
+                     f"expected one of {OPTIMIZERS}.")
   wd = hyper.weight_decay[name]
   if name == "lamb":
     def factory(learning_rate):
@@ -62,8 +95,17 @@ def make_optimizer(name: str, hyper: ml_collections.ConfigDict
           optax.add_decayed_weights(wd, mask),
           optax.sgd(learning_rate, momentum=hyper.momentum, nesterov=True))
   else:
-    raise ValueError(f"`optimizers` has an unknown optimizer {name!r}; "
-                     f"expected one of {OPTIMIZERS}.")
+    if orthogonalised is None:
+      raise ValueError("make_optimizer('muon') needs `orthogonalised`, the "
+                       "leaves to orthogonalise.")
+    dimension_numbers = muon_dimension_numbers(orthogonalised)
+
+    def factory(learning_rate):
+      return optax.contrib.muon(
+          learning_rate, beta=hyper.muon_beta, eps=hyper.eps,
+          weight_decay=wd, adam_b1=hyper.b1, adam_b2=hyper.b2,
+          adam_weight_decay=wd, consistent_rms=MUON_CONSISTENT_RMS,
+          muon_weight_dimension_numbers=dimension_numbers)
   return optax.inject_hyperparams(factory)(learning_rate=0.0)
 
 
@@ -115,14 +157,10 @@ def make_schedule(batch_size: int, budget_examples: int, warmup_steps: int,
                   decay_power=decay_power)
 
 
-def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def trust_ratio_layers(params) -> list[str]:
   """Names of the leaves that get a trust ratio (BERT's exclusions)."""
   mask = lamb_optax.masks.exclude_bias_and_norm()(params)
-  return [_path_name(p) for p, m in
+  return [tasks_lib.path_name(p) for p, m in
           jax.tree_util.tree_leaves_with_path(mask) if m]
 
 
@@ -304,7 +342,7 @@ def _chunk_fn(task, optimizer, hyper, micro_batch, record_ratios):
   key = (task, optimizer, repr(sorted(hyper.to_dict().items())),
          micro_batch, record_ratios)
   if key not in _CHUNK_CACHE:
-    tx = make_optimizer(optimizer, hyper)
+    tx = make_optimizer(optimizer, hyper, task.orthogonalised)
     _CHUNK_CACHE[key] = (tx, _compiled_chunk(
         task.loss, task.evaluate, tx, micro_batch, record_ratios))
   return _CHUNK_CACHE[key]
@@ -317,7 +355,7 @@ def _named_ratios(ratios, params_like) -> dict[str, np.ndarray]:
   for (path, value), adapted in zip(
       jax.tree_util.tree_leaves_with_path(ratios), jax.tree.leaves(mask)):
     if adapted:
-      named[_path_name(path)] = np.asarray(value, np.float64).reshape(
+      named[tasks_lib.path_name(path)] = np.asarray(value, np.float64).reshape(
           value.shape[0])
   return named
 
