@@ -553,6 +553,37 @@ def test_vmapped_trial_equals_the_trial_alone(example, tiny_mnist1d,
   assert together[0]["curve"]["loss"] != together[1]["curve"]["loss"]
 
 
+def test_beta2_rule(example, tiny_mnist1d):
+  trials = example["trials"]
+  # Marek et al.'s constant half-life: 0.999 ** (B / B0); a half-life of
+  # ln(1/2) / ln(0.999) = 692.8 steps at 16 is 10.8 steps at 1024, the same
+  # 11,085 examples.
+  assert trials.beta2_at(0.999, 16, 16, "half_life") == 0.999
+  assert trials.beta2_at(0.999, 1024, 16, "half_life") == pytest.approx(
+      0.999**64)
+  half_life = {b: math.log(0.5) / math.log(trials.beta2_at(0.999, b, 16,
+                                                           "half_life"))
+               for b in (16, 1024)}
+  assert half_life[16] * 16 == pytest.approx(half_life[1024] * 1024)
+  assert trials.beta2_at(0.999, 1024, 16, "fixed") == 0.999
+  with pytest.raises(ValueError, match="beta2_rule"):
+    trials.beta2_at(0.999, 32, 16, "linear")
+  # The beta2 handed to a run is the one its optimizer uses: the same run as
+  # an optimizer built with that beta2, another run than the default's.
+  task, config = tiny_mnist1d
+  schedule = trials.make_schedule(16, 256, 2, 4)
+  injected = trials.run_trials(task, "adamw", config.optimizer, schedule,
+                               [0.01], [0], b2=0.9)[0]["curve"]["loss"]
+  default = trials.run_trials(task, "adamw", config.optimizer, schedule,
+                              [0.01], [0])[0]["curve"]["loss"]
+  hyper = config.optimizer.copy_and_resolve_references()
+  hyper.b2 = 0.9
+  built = trials.run_trials(task, "adamw", hyper, schedule, [0.01],
+                            [0])[0]["curve"]["loss"]
+  np.testing.assert_allclose(injected, built, rtol=1e-6)
+  assert not np.allclose(injected, default, rtol=1e-4)
+
+
 def _muon_leaves(state):
   """``{leaf path: "muon" | "adam"}`` from a muon state's two partitions."""
   inner = state.inner_state.inner_states

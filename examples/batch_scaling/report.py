@@ -45,6 +45,15 @@ def _batch(b: int) -> str:
   return "none" if b == 0 else str(b)
 
 
+def _beta2_text(task: dict[str, Any]) -> str:
+  by_batch = task["beta2"]["by_batch"]
+  if not by_batch:
+    return ""
+  return (f" beta2 of LAMB, AdamW and Muon's AdamW fallback "
+          f"({task['beta2']['rule']}): "
+          + ", ".join(f"{b2:.4g} at {b}" for b, b2 in by_batch.items()) + ".")
+
+
 def _task_markdown(name: str, task: dict[str, Any], num_seeds: int,
                    figures: Sequence[str]) -> list[str]:
   metric = task["metric"]
@@ -72,7 +81,8 @@ def _task_markdown(name: str, task: dict[str, Any], num_seeds: int,
       f"the fixed budget of {task['budget_examples']:,} examples, mean ± "
       f"standard error over {num_seeds} fresh seeds; the peak learning rate "
       f"in brackets. Warmup: {task['warmup_steps']} steps at every batch "
-      f"(LEGW). tau floor {task['tolerance_floor']}.", ""]
+      f"(LEGW). tau floor {task['tolerance_floor']}." + _beta2_text(task),
+      ""]
   for arm in ("tuned", "transfer"):
     def final(o, b, arm=arm):
       s = task["cells"][arm][o][b]

@@ -114,6 +114,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if not 0 < config.max_warmup_fraction <= 1:
     _fail("max_warmup_fraction", "must be in (0, 1], got "
           f"{config.max_warmup_fraction!r}.")
+  if config.optimizer.beta2_rule not in trials_lib.BETA2_RULES:
+    _fail("optimizer.beta2_rule", f"must be one of {trials_lib.BETA2_RULES}, "
+          f"got {config.optimizer.beta2_rule!r}.")
+  if not 0 <= config.optimizer.b2 < 1:
+    _fail("optimizer.b2", f"must be in [0, 1), got {config.optimizer.b2!r}.")
   for opt in optimizers:
     wd = config.optimizer.weight_decay.get(opt)
     if wd is None or not wd >= 0:
@@ -268,6 +273,8 @@ def run_cell(task, optimizer: str, batch: int, config,
   # Extensions and the report share one compiled shape: `small` trials
   # (the shorter list is padded with copies of its last trial, discarded).
   small = max(len(selection), len(report_seeds))
+  b2 = trials_lib.beta2_at(config.optimizer.b2, batch, base_batch,
+                           config.optimizer.beta2_rule)
   num_runs = 0
 
   def run(pairs, pad_to):
@@ -277,7 +284,7 @@ def run_cell(task, optimizer: str, batch: int, config,
     return trials_lib.run_trials(
         task, optimizer, config.optimizer, schedule,
         [lr for lr, _ in padded], [s for _, s in padded], True, cache,
-        micro_batch=base_batch, **pads)[:len(pairs)]
+        micro_batch=base_batch, b2=b2, **pads)[:len(pairs)]
 
   # Above the base batch the centre is the transfer arm; at the base batch
   # it is the likeliest choice, trained now to save a report call.
@@ -319,6 +326,7 @@ def run_cell(task, optimizer: str, batch: int, config,
       "grid": grid, "learning_rates": sorted(lrs), "extensions": extensions,
       "edge_unresolved": new_lr is not None, "chosen_lr": best,
       "center_lr": center,
+      "b2": b2 if optimizer in trials_lib.BETA2_OPTIMIZERS else None,
       "selection_means": {repr(lr): m for lr, m in sorted(means.items())},
       "num_runs": num_runs, "steps": schedule.total_steps,
       "eval_every": schedule.eval_every, "rows": rows,
@@ -626,6 +634,7 @@ def summarize(config, cells: list[dict[str, Any]]) -> dict[str, Any]:
             tuned[b]["median_steps_to_target"],
             tuned[base]["median_steps_to_target"], b, base)
     steps = {b: info[optimizers[0]][b]["steps"] for b in batches}
+    b2 = {c["batch"]: c["b2"] for c in task_cells if c["b2"] is not None}
     summary = {
         "metric": metric, "higher_is_better": higher,
         "tolerance_floor": floor, "batches": batches, "steps": steps,
@@ -637,7 +646,9 @@ def summarize(config, cells: list[dict[str, Any]]) -> dict[str, Any]:
         "target_step_at_base": (index + 1) * (steps[base] // config.num_evals),
         "cells": stats, "cell_info": info, "critical": critical,
         "budget_examples": section.budget_examples,
-        "warmup_steps": section.warmup_steps}
+        "warmup_steps": section.warmup_steps,
+        "beta2": {"rule": config.optimizer.beta2_rule,
+                  "by_batch": {b: b2[b] for b in batches if b in b2}}}
     summary.update(analysis.task_verdict(summary))
     summary["nado"] = analysis.nado_reading(summary)
     out["tasks"][task_name] = summary

@@ -33,9 +33,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Optimizers: the customary hyperparameters, fixed (only the rate is tuned).
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.b1 = 0.9  # LAMB, AdamW, Muon's AdamW fallback.
-  # beta2 is the same at every batch size (the paper's; not Marek et al.'s
-  # constant half-life in tokens): LAMB, AdamW, Muon's AdamW fallback.
+  # beta2 of LAMB, AdamW and Muon's AdamW fallback: 0.999 at the base batch
+  # B0, b2 ** (B / B0) at B (Marek et al., 2025: the second moment's
+  # half-life in examples, hence in tokens, is the same at every batch size;
+  # under a fixed budget, the same 11% of every run). "fixed" keeps 0.999.
   config.optimizer.b2 = 0.999
+  config.optimizer.beta2_rule = "half_life"
   config.optimizer.eps = 1e-6  # BERT's.
   config.optimizer.momentum = 0.9  # LARS, Nesterov.
   config.optimizer.muon_beta = 0.95  # optax.contrib.muon's default.
