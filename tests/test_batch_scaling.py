@@ -7,6 +7,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import sys
 
@@ -709,6 +710,16 @@ def test_study_writes_every_output_and_a_verdict(example, finished_study):
         assert report[0]["examples"] >= config[task].budget_examples
   summary_file = json.loads(pathlib.Path(workdir, "summary.json").read_text())
   assert summary_file["verdict"] == summary["verdict"]
+  assert summary_file["protocol"] == example["study"].protocol_fingerprint(
+      config)
+  other = example["test"].get_config()
+  other.mnist1d.target_fraction = 0.5
+  assert example["study"].protocol_fingerprint(other) != (
+      summary_file["protocol"])
+  other = example["test"].get_config()
+  other.num_workers = 2  # How the study runs, not what it computes.
+  assert example["study"].protocol_fingerprint(other) == (
+      summary_file["protocol"])
   # The gate: the baseline, the best tuned base-batch result and the margin,
   # in summary.json and results.md.
   task = summary_file["tasks"]["mnist1d"]
@@ -830,6 +841,24 @@ def tiny_mlm(example, tmp_path_factory):
   task = example["tasks"].make_task("mlm", section,
                                     str(tmp_path_factory.mktemp("mlm")))
   return task, config
+
+
+def test_committed_results_belong_to_the_default_config(example):
+  """No stale results: what results/ holds was made with configs/default.py
+  as committed (summary.json records the protocol's fingerprint), and every
+  figure results.md shows is there; with no results, nothing links to them."""
+  results = _EXAMPLE / "results"
+  docs = (_EXAMPLE.parents[1] / "docs" / "batch_scaling.md").read_text()
+  if not results.exists():
+    assert "results/" not in re.sub(r"<!--.*?-->", "", docs, flags=re.S)
+    return
+  summary = json.loads((results / "summary.json").read_text())
+  assert summary["protocol"] == example["study"].protocol_fingerprint(
+      example["default"].get_config())
+  text = (results / "results.md").read_text()
+  assert f"**Verdict: {summary['verdict']}**" in text
+  for figure in re.findall(r"\]\(([^)]+\.png)\)", text):
+    assert (results / figure).is_file(), figure
 
 
 def test_mlm_task_uses_the_bert_example_and_learns(example, tiny_mlm):

@@ -14,8 +14,10 @@ order of README.md's protocol:
 3. *Report*: the chosen rate on the report seeds (fresh). When the chosen
    rate is the centre, those runs were trained in step 1 and are reused.
 
-Each finished cell is written atomically to ``cells/``; a rerun skips it,
-so a killed study loses at most the cells it was running. ``trials.jsonl``,
+The cells of one task and optimizer form a chain (each needs its base
+cell); chains run on ``num_workers`` processes. Each finished cell is written
+atomically to ``cells/``; a rerun skips it, so a killed study loses at most
+the cells it was running. ``trials.jsonl``,
 ``summary.json``, ``results.md`` and the plots are rebuilt from the cells at
 the end (or by :func:`rebuild_outputs` alone), and the verdict printed.
 """
@@ -23,6 +25,7 @@ the end (or by :func:`rebuild_outputs` alone), and the verdict printed.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import json
 import math
 import multiprocessing
@@ -171,6 +174,14 @@ def _protocol(config: ml_collections.ConfigDict) -> dict[str, Any]:
   for field in _RUN_ONLY_FIELDS:
     d.pop(field, None)
   return d
+
+
+def protocol_fingerprint(config: ml_collections.ConfigDict) -> str:
+  """A hash of everything in ``config`` that changes what the study
+  computes, recorded in ``summary.json`` so that results can be matched to
+  the config that made them."""
+  text = json.dumps(_protocol(config), sort_keys=True)
+  return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -495,14 +506,17 @@ def _train_cells(config, workdir: str, plan, todo, built) -> list[str]:
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(
         workers, mp_context=context) as pool:
-      futures = {pool.submit(_train_chain, config, workdir, chain): chain
+      pending = {pool.submit(_train_chain, config, workdir, chain)
                  for chain in chains}
-      pending = set(futures)
       while pending:
         finished, pending = concurrent.futures.wait(
             pending, timeout=5,
             return_when=concurrent.futures.FIRST_COMPLETED)
         for future in finished:
+          if future.exception() is not None:
+            for other in pending:  # Chains not started yet: never.
+              other.cancel()
+            raise future.exception()
           trained += future.result()
         if bar is not None:
           bar.n = len(plan) - len(todo) + sum(
@@ -654,6 +668,7 @@ def summarize(config, cells: list[dict[str, Any]]) -> dict[str, Any]:
     out["tasks"][task_name] = summary
   out["verdict"] = analysis.overall_verdict(
       {t: s["verdict"] for t, s in out["tasks"].items()})
+  out["protocol"] = protocol_fingerprint(config)
   return out
 
 
