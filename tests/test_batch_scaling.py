@@ -9,6 +9,7 @@ import os
 import pathlib
 import re
 import shutil
+import subprocess
 import sys
 
 import jax
@@ -841,6 +842,23 @@ def tiny_mlm(example, tmp_path_factory):
   task = example["tasks"].make_task("mlm", section,
                                     str(tmp_path_factory.mktemp("mlm")))
   return task, config
+
+
+def test_calibration_probes_see_the_base_batch_only(tmp_path):
+  """calibrate.py's pilot trains every optimizer alike at the base batch
+  alone (the evidence the sizes were chosen on)."""
+  script = str(_EXAMPLE / "calibrate.py")
+  common = ["--config", str(_EXAMPLE / "configs" / "test.py"),
+            "--config.optimizers=adamw", f"--workdir={tmp_path}"]
+  subprocess.run([sys.executable, script, "--mode=pilot", "--task=mnist1d",
+                  "--num_rates=2"] + common, check=True, capture_output=True)
+  pilot = json.loads((tmp_path / "pilot_mnist1d.json").read_text())["result"]
+  assert pilot["batch"] == 16 and pilot["steps"] == 1024 // 16
+  adamw = pilot["optimizers"]["adamw"]
+  assert adamw["rates"] == pytest.approx([0.004 / 2**0.5, 0.004 * 2**0.5])
+  assert adamw["best"] == max(adamw["final"])
+  assert adamw["margin"] == pytest.approx(
+      adamw["best"] - pilot["baseline"]["accuracy"])
 
 
 def test_committed_results_belong_to_the_default_config(example):

@@ -71,11 +71,11 @@ def pilot(config, task_name: str, num_rates: int, workdir: str) -> dict:
   for opt in config.optimizers:
     rates = analysis.lr_grid(section.initial_learning_rates[opt], num_rates,
                              config.lr_factor)
-    tic, tic_cpu = time.time(), study._cpu_seconds()  # pylint: disable=protected-access
+    tic, tic_cpu = time.time(), study.cpu_seconds()
     results = trials_lib.run_trials(task, opt, config.optimizer, schedule,
                                     rates, [seed] * len(rates),
                                     micro_batch=base)
-    seconds, cpu = time.time() - tic, study._cpu_seconds() - tic_cpu  # pylint: disable=protected-access
+    seconds, cpu = time.time() - tic, study.cpu_seconds() - tic_cpu
     finals = [trials_lib.final_metrics(task, r)[metric] for r in results]
     peaks = [max(r["curve"][metric]) if higher else min(r["curve"][metric])
              for r in results]
@@ -118,10 +118,10 @@ def time_cells(config, cells, workdir: str) -> dict:
     center = lamb_optax.schedules.sqrt_scaled(
         section.initial_learning_rates[optimizer],
         base_batch_size=section.batch_sizes[0], batch_size=batch)
-    tic, tic_cpu = time.time(), study._cpu_seconds()  # pylint: disable=protected-access
+    tic, tic_cpu = time.time(), study.cpu_seconds()
     cell = study.run_cell(built[task_name], optimizer, batch, config, center)
     out[name] = {"seconds": time.time() - tic,
-                 "cpu_seconds": study._cpu_seconds() - tic_cpu,  # pylint: disable=protected-access
+                 "cpu_seconds": study.cpu_seconds() - tic_cpu,
                  "num_runs": cell["num_runs"], "steps": cell["steps"]}
     del cell  # Never looked at.
     print(f"{name}: {out[name]['seconds']:.1f} s wall, "

@@ -357,7 +357,7 @@ def _plan(config) -> list[tuple[str, str, int]]:
           for o in config.optimizers]
 
 
-def _cpu_seconds(children: bool = False) -> float:
+def cpu_seconds(children: bool = False) -> float:
   """CPU time of this process (and of its finished worker processes)."""
   usage = resource.getrusage(resource.RUSAGE_SELF)
   total = usage.ru_utime + usage.ru_stime
@@ -386,7 +386,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str
   check_config(config)
   os.makedirs(os.path.join(workdir, CELLS_DIR), exist_ok=True)
   _check_workdir(config, workdir)
-  start, start_cpu = time.time(), _cpu_seconds(children=True)
+  start, start_cpu = time.time(), cpu_seconds(children=True)
   plan = _plan(config)
   todo = [c for c in plan
           if not os.path.exists(_cell_path(workdir, cell_name(*c)))]
@@ -413,7 +413,7 @@ def run_study(config: ml_collections.ConfigDict, workdir: str
 
   summary = _outputs(config, workdir)
   seconds = time.time() - start
-  cpu = _cpu_seconds(children=True) - start_cpu
+  cpu = cpu_seconds(children=True) - start_cpu
   timing_path = os.path.join(workdir, "timing.json")
   timing = {}
   if os.path.exists(timing_path):
@@ -473,10 +473,10 @@ def _train_chain(config, workdir: str, chain, built=None) -> list[str]:
       center = lamb_optax.schedules.sqrt_scaled(
           base["chosen_lr"], base_batch_size=base_batch, batch_size=batch)
     name = cell_name(task_name, optimizer, batch)
-    tic, tic_cpu = time.time(), _cpu_seconds()
+    tic, tic_cpu = time.time(), cpu_seconds()
     cell = run_cell(built[task_name], optimizer, batch, config, center)
     cell["seconds"] = round(time.time() - tic, 1)
-    cell["cpu_seconds"] = round(_cpu_seconds() - tic_cpu, 1)
+    cell["cpu_seconds"] = round(cpu_seconds() - tic_cpu, 1)
     _write_json(_cell_path(workdir, name), cell)
     trained.append(name)
     if not config.progress_bar:
