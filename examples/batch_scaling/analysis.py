@@ -88,16 +88,33 @@ def edge_extension(lrs: Sequence[float], best: float,
 
 def steps_to_target(curve: dict[str, list[float]], metric: str,
                     target: float, higher_is_better: bool
-                    ) -> Optional[int]:
-  """The first evaluated step whose metric reaches ``target``; None: censored."""
-  for step, value in zip(curve["step"], curve[metric]):
-    if math.isfinite(value) and (value >= target if higher_is_better
-                                 else value <= target):
-      return step
+                    ) -> Optional[float]:
+  """The step at which the metric first reaches ``target``; None: censored.
+
+  At the first evaluation k that reaches it, linearly interpolated between
+  evaluation k - 1 (which does not) and k, so that the answer does not move
+  in whole evaluation intervals:
+
+    s_{k-1} + (target - v_{k-1}) / (v_k - v_{k-1}) * (s_k - s_{k-1}).
+
+  The first evaluation's own step when it already reaches the target (or
+  when the one before is not finite).
+  """
+  def reaches(value):
+    return math.isfinite(value) and (value >= target if higher_is_better
+                                     else value <= target)
+  steps, values = curve["step"], curve[metric]
+  for k, (step, value) in enumerate(zip(steps, values)):
+    if reaches(value):
+      if k == 0 or not math.isfinite(values[k - 1]):
+        return float(step)
+      before = values[k - 1]
+      return steps[k - 1] + (target - before) / (value - before) * (
+          step - steps[k - 1])
   return None
 
 
-def median_steps(values: Sequence[Optional[int]]) -> Optional[float]:
+def median_steps(values: Sequence[Optional[float]]) -> Optional[float]:
   """Median over seeds, a censored seed counting as infinitely many steps.
 
   None (censored) when the median itself is censored.
@@ -136,10 +153,11 @@ def mid_budget_target(values: dict[str, float], higher_is_better: bool
                       ) -> float:
   """The steps-to-target target from the base batch.
 
-  ``values[optimizer]`` is the tuned base-batch metric (mean over the report
-  seeds) at the evaluation of :func:`target_eval_index`; the target is the
-  worst of them, so that every optimizer reaches it at the base batch by
-  that point of its budget (and the slowest at about that point).
+  ``values[optimizer]`` is the tuned base-batch metric (the median over the
+  report seeds, so that one diverged seed does not move it) at the
+  evaluation of :func:`target_eval_index`; the target is the worst of them,
+  so that every optimizer reaches it at the base batch by that point of its
+  budget (and the slowest at about that point).
   """
   if higher_is_better:
     return min(values.values())
@@ -236,11 +254,11 @@ def _quantile(sorted_values: Sequence[int], q: float) -> int:
   return sorted_values[min(k, n) - 1]
 
 
-def bootstrap_critical_batch(batches: Sequence[int],
-                             steps_by_seed: dict[int, Sequence[Optional[int]]],
-                             overhead: float = CRITICAL_OVERHEAD,
-                             level: float = INTERVAL_LEVEL
-                             ) -> dict[str, Any]:
+def bootstrap_critical_batch(
+    batches: Sequence[int],
+    steps_by_seed: dict[int, Sequence[Optional[float]]],
+    overhead: float = CRITICAL_OVERHEAD,
+    level: float = INTERVAL_LEVEL) -> dict[str, Any]:
   """The critical batch with its seed-bootstrap interval.
 
   ``steps_by_seed[B][i]`` is the steps to target of report seed i at batch

@@ -117,11 +117,12 @@ def _task_markdown(name: str, task: dict[str, Any], num_seeds: int,
   sign = ">=" if higher else "<="
   out += ["",
           f"**Steps to target** ({metric} {sign} {task['target']:.4f}: the "
-          "worst optimizer's tuned base-batch mean at "
+          "worst optimizer's tuned base-batch median at "
           f"{task['target_fraction']:.0%} of the budget, step "
-          f"{task['target_step_at_base']} of {task['steps'][batches[0]]}; "
-          "median over seeds, a censored seed counting as never; `censored` "
-          "when the median never reaches it; in brackets the overhead over "
+          f"{task['target_step_at_base']} of {task['steps'][batches[0]]}; a "
+          "run's first crossing, interpolated between evaluations; median "
+          "over seeds, a censored seed counting as never; `censored` when "
+          "the median never reaches it; in brackets the overhead over "
           "perfect scaling from the base, tuned only; tuned / transfer)", ""]
 
   def steps_to_target(o, b):

@@ -620,13 +620,13 @@ def summarize(config, cells: list[dict[str, Any]]) -> dict[str, Any]:
                    else -base_means[o])
     gate = analysis.learnability_gate(
         first["baseline"][metric], base_means[best_opt], floor, higher)
-    # The target: the worst optimizer's tuned base-batch mean at the
+    # The target: the worst optimizer's tuned base-batch median at the
     # evaluation nearest target_fraction of the budget.
     index = analysis.target_eval_index(config.num_evals,
                                        section.target_fraction)
     target = analysis.mid_budget_target(
-        {o: statistics.fmean(_value_at(r, metric, index)
-                             for r in by_role[o, base]["report"])
+        {o: statistics.median(_value_at(r, metric, index)
+                              for r in by_role[o, base]["report"])
          for o in optimizers}, higher)
     for c in task_cells:
       for row in c["rows"]:

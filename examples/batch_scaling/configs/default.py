@@ -67,7 +67,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.mnist1d.initial_learning_rates = ml_collections.ConfigDict(
       {"lamb": 5e-3, "adamw": 4e-3, "lars": 5e-3, "nesterov": 0.025,
        "muon": 8e-3})
-  # Steps-to-target target: the worst tuned base-batch mean at this
+  # Steps-to-target target: the worst tuned base-batch median at this
   # fraction of the budget (a 2x step overhead stays observable).
   config.mnist1d.target_fraction = 0.4
 
