@@ -1,14 +1,18 @@
 """The batch-scaling study: its rules by hand, vmap = one trial, end to end."""
 
+import collections
 import contextlib
 import io
 import json
 import math
 import os
 import pathlib
+import re
 import shutil
+import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -18,8 +22,8 @@ _EXAMPLE = (pathlib.Path(__file__).resolve().parents[1] / "examples" /
             "batch_scaling")
 # Top-level module names of the example (run as a script, not a package);
 # cleared around the import so another example's `configs` cannot be reused.
-_MODULES = ("study", "tasks", "trials", "analysis", "plots", "configs",
-            "configs.default", "configs.test", "configs.gpu")
+_MODULES = ("study", "tasks", "trials", "analysis", "plots", "report",
+            "configs", "configs.default", "configs.test", "configs.gpu")
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +81,8 @@ class _FakeTask:
   higher_is_better = True
   tolerance_floor = 0.005
   diverged_metrics = {"accuracy": 0.0}
+  baseline = {"accuracy": 0.1}
+  baseline_name = "a constant"
 
 
 def _fake_run_trials(calls):
@@ -106,15 +112,15 @@ def test_cell_extends_the_grid_until_the_best_is_inside(
   calls = []
   monkeypatch.setattr(study.trials_lib, "run_trials", _fake_run_trials(calls))
   # Grid around 0.0025: 0.00125, 0.0025, 0.005 (best: the upper edge).
-  cell = study.run_cell(_FakeTask(), "lamb", 128, config, center=0.0025,
-                        transfer=0.0025)
+  cell = study.run_cell(_FakeTask(), "lamb", 128, config, center=0.0025)
   assert cell["chosen_lr"] == pytest.approx(chosen)
   assert cell["extensions"] == extensions
   assert cell["edge_unresolved"] is unresolved
-  # Same-shape calls: the grid (3 rates x 2 seeds) + transfer (2 report
-  # seeds), then one call per extension, then the report.
+  # Same-shape calls: the grid (3 rates x 2 seeds) + the centre (the
+  # transfer arm) on the 2 report seeds, then one call per extension, then
+  # the report.
   assert len(calls[0]) == 3 * 2 + 2
-  assert [lr for lr, _ in calls[0][6:]] == [0.0025, 0.0025]
+  assert calls[0][6:] == [(0.0025, s) for s in config.report_seeds]
   assert len(calls) == 1 + extensions + 1
   assert all(len(c) == 2 for c in calls[1:])
   assert {lr for lr, _ in calls[-1]} == {cell["chosen_lr"]}
@@ -122,13 +128,29 @@ def test_cell_extends_the_grid_until_the_best_is_inside(
   roles = [r["role"] for r in cell["rows"]]
   assert roles.count("select") == (3 + extensions) * 2
   assert roles.count("transfer") == roles.count("report") == 2
+  assert cell["num_runs"] == 8 + 2 * extensions + 2
+  assert not any(r.get("reused") for r in cell["rows"])
 
 
-def test_transfer_rate_is_the_square_root_rule(example):
-  a = example["analysis"]
-  assert a.transfer_lr(0.01, 32, 2048) == pytest.approx(0.08)
-  assert a.transfer_lr(0.01, 32, 64) == pytest.approx(0.01 * 2**0.5)
-  assert a.transfer_lr(0.01, 32, 32) == 0.01
+@pytest.mark.parametrize("batch, center_role", [(16, "center"),
+                                                (128, "transfer")])
+def test_cell_reuses_the_centre_runs_when_the_centre_is_chosen(
+    example, monkeypatch, batch, center_role):
+  study = example["study"]
+  config = example["test"].get_config()
+  config.num_learning_rates = 3
+  calls = []
+  monkeypatch.setattr(study.trials_lib, "run_trials", _fake_run_trials(calls))
+  # The fake task's best rate is 0.02: the centre of the grid.
+  cell = study.run_cell(_FakeTask(), "lamb", batch, config, center=0.02)
+  assert cell["chosen_lr"] == 0.02 and cell["extensions"] == 0
+  assert len(calls) == 1  # No report call: its runs were trained already.
+  centre = [r for r in cell["rows"] if r["role"] == center_role]
+  report = [r for r in cell["rows"] if r["role"] == "report"]
+  assert [r["seed"] for r in report] == list(config.report_seeds)
+  assert all(r["reused"] and r["lr"] == 0.02 for r in report)
+  assert [r["final"] for r in report] == [r["final"] for r in centre]
+  assert cell["num_runs"] == 3 * 2 + 2
 
 
 def test_censoring(example):
@@ -137,16 +159,42 @@ def test_censoring(example):
            "loss": [2.0, 1.0, float("nan")]}
   assert a.steps_to_target(curve, "accuracy", 0.7, True) == 20
   assert a.steps_to_target(curve, "accuracy", 0.95, True) is None
-  assert a.steps_to_target(curve, "loss", 1.5, False) == 20
+  # Between two evaluations: linear interpolation (0.6 is half-way from
+  # 0.5 at step 10 to 0.7 at step 20); at or before the first: its step.
+  assert a.steps_to_target(curve, "accuracy", 0.6, True) == pytest.approx(15)
+  assert a.steps_to_target(curve, "accuracy", 0.85, True) == pytest.approx(
+      27.5)
+  assert a.steps_to_target(curve, "accuracy", 0.4, True) == 10
+  assert a.steps_to_target(curve, "loss", 1.5, False) == pytest.approx(15)
   assert a.steps_to_target(curve, "loss", 0.5, False) is None  # nan: no
+  # Not monotone: the first crossing counts (0.8 at 20 after 0.5 at 10).
+  bumpy = {"step": [10, 20, 30, 40], "accuracy": [0.5, 0.8, 0.6, 0.9]}
+  assert a.steps_to_target(bumpy, "accuracy", 0.7, True) == pytest.approx(
+      10 + 10 * 2 / 3)
+  # A non-finite evaluation before the crossing: that evaluation's step.
+  broken = {"step": [10, 20], "loss": [float("nan"), 1.0]}
+  assert a.steps_to_target(broken, "loss", 1.5, False) == 20
   # A censored seed counts as never; the median decides the cell.
   assert a.median_steps([100, 200, None]) == 200
   assert a.median_steps([100, None, None]) is None
   assert a.median_steps([300, 100, 200]) == 200
-  assert a.target_value({"lamb": 0.70, "adamw": 0.66}, 0.01, True) == (
-      pytest.approx(0.65))
-  assert a.target_value({"lamb": 2.0, "adamw": 2.5}, 0.05, False) == (
-      pytest.approx(2.55))
+  assert a.median_steps([100, None]) is None  # (100 + never) / 2: never
+
+
+def test_mid_budget_target(example):
+  a = example["analysis"]
+  # The evaluation nearest the fraction (0-based): 20 of 50 at 40%.
+  assert a.target_eval_index(50, 0.4) == 19
+  assert a.target_eval_index(20, 0.5) == 9
+  assert a.target_eval_index(4, 0.4) == 1  # round(1.6) = 2nd evaluation
+  assert a.target_eval_index(3, 0.01) == 0  # at least the first
+  assert a.target_eval_index(3, 1.0) == 2
+  for bad in (0.0, 1.5):
+    with pytest.raises(ValueError, match="target_fraction"):
+      a.target_eval_index(50, bad)
+  # The worst optimizer's value there: every optimizer reaches it by then.
+  assert a.mid_budget_target({"lamb": 0.70, "adamw": 0.66}, True) == 0.66
+  assert a.mid_budget_target({"lamb": 2.0, "adamw": 2.5}, False) == 2.5
 
 
 def test_mean_se_and_tolerance(example):
@@ -160,62 +208,217 @@ def test_mean_se_and_tolerance(example):
   assert a.tolerance(0.001, 0.001, 0.005) == 0.005
 
 
-def _summary(tuned, transfer=None, batches=(32, 256, 2048)):
+def _critical(table):
+  """``{opt: (batch, low, high)}`` -> the summary's ``critical``."""
+  return {o: {"batch": b, "interval": [lo, hi]}
+          for o, (b, lo, hi) in table.items()}
+
+
+# LAMB's critical batch above AdamW's and LARS's, intervals disjoint.
+_LAMB_SCALES_FURTHER = {"lamb": (2048, 2048, 2048), "adamw": (256, 32, 256),
+                        "lars": (32, 32, 256), "nesterov": (2048, 256, 2048),
+                        "muon": (256, 256, 2048)}
+# Everyone's the same.
+_NO_DIFFERENCE = {o: (256, 32, 2048) for o in _LAMB_SCALES_FURTHER}
+
+
+def _summary(tuned, transfer=None, batches=(32, 256, 2048),
+             critical=None, gate_passed=True):
   """A task summary with se 0 (tau = the floor 0.005)."""
   def cells(table):
     return {o: {b: {"mean": m, "se": 0.0} for b, m in zip(batches, ms)}
             for o, ms in table.items()}
+  critical = _LAMB_SCALES_FURTHER if critical is None else critical
   return {"batches": list(batches), "higher_is_better": True,
           "tolerance_floor": 0.005, "cells": {
               "tuned": cells(tuned),
-              "transfer": cells(transfer if transfer else tuned)}}
+              "transfer": cells(transfer if transfer else tuned)},
+          "gate": {"baseline": 0.1, "best": 0.8 if gate_passed else 0.12,
+                   "margin": 0.7 if gate_passed else 0.02,
+                   "margin_in_floors": 140.0 if gate_passed else 4.0,
+                   "passed": gate_passed},
+          "critical": _critical({o: critical[o] for o in tuned})}
+
+
+_FLAT = [0.80, 0.80, 0.80]
+_DROP_AT_8X = [0.80, 0.70, 0.60]
+_DROP_AT_64X = [0.80, 0.798, 0.70]
 
 
 def test_verdict_rule(example):
   a = example["analysis"]
-  flat = [0.80, 0.80, 0.80]
-  drop_at_8x = [0.80, 0.70, 0.60]
-  drop_at_64x = [0.80, 0.798, 0.70]
-  # LAMB keeps its base accuracy to 2048; AdamW and LARS drop at 256.
-  v = a.task_verdict(_summary({"lamb": flat, "adamw": drop_at_8x,
-                               "lars": drop_at_8x, "nesterov": flat}))
+  # LAMB keeps its base accuracy to 2048; AdamW and LARS drop at 256; LAMB's
+  # critical batch is above theirs with disjoint intervals.
+  v = a.task_verdict(_summary({"lamb": _FLAT, "adamw": _DROP_AT_8X,
+                               "lars": _DROP_AT_8X, "nesterov": _FLAT}))
   assert v["verdict"] == "reproduced"
+  assert v["lamb_wins"] == {"tuned": True, "transfer": True,
+                            "critical_batch": True}
   assert v["largest_kept"]["tuned"] == {"lamb": 2048, "adamw": 32,
                                         "lars": 32, "nesterov": 2048}
-  # Nado et al.'s reading: tuned Nesterov matches LAMB at the largest batch.
-  assert a.nado_reading(_summary({"lamb": flat, "adamw": drop_at_8x,
-                                  "lars": drop_at_8x, "nesterov": flat})) == {
-                                      "adamw": "loses to", "lars": "loses to",
-                                      "nesterov": "matches"}
-  # Tuned, AdamW keeps up: fails, unless only the untuned arm shows LAMB
-  # ahead (partial).
-  tuned = {"lamb": flat, "adamw": flat, "lars": drop_at_8x}
-  assert a.task_verdict(_summary(tuned))["verdict"] == "fails"
-  transfer = {"lamb": flat, "adamw": drop_at_8x, "lars": drop_at_8x}
-  assert a.task_verdict(_summary(tuned, transfer))["verdict"] == "partial"
+  # The fixed-budget win alone is partial when the critical batches do not
+  # separate...
+  v = a.task_verdict(_summary({"lamb": _FLAT, "adamw": _DROP_AT_8X,
+                               "lars": _DROP_AT_8X},
+                              critical=_NO_DIFFERENCE))
+  assert v["verdict"] == "partial"
+  assert v["lamb_wins"] == {"tuned": True, "transfer": True,
+                            "critical_batch": False}
+  # ... or when LAMB's is larger but the intervals touch (LARS's reaches
+  # 2048 = LAMB's low end).
+  touching = dict(_LAMB_SCALES_FURTHER, lars=(256, 32, 2048))
+  v = a.task_verdict(_summary({"lamb": _FLAT, "adamw": _DROP_AT_8X,
+                               "lars": _DROP_AT_8X}, critical=touching))
+  assert v["lamb_wins"]["critical_batch"] is False
+  assert v["verdict"] == "partial"
+  # Tuned, AdamW keeps up at the fixed budget: partial on the critical batch
+  # alone, fails when that does not separate either, partial again when the
+  # untuned arm shows LAMB ahead.
+  tuned = {"lamb": _FLAT, "adamw": _FLAT, "lars": _DROP_AT_8X}
+  assert a.task_verdict(_summary(tuned))["verdict"] == "partial"
+  assert a.task_verdict(_summary(tuned, critical=_NO_DIFFERENCE))[
+      "verdict"] == "fails"
+  transfer = {"lamb": _FLAT, "adamw": _DROP_AT_8X, "lars": _DROP_AT_8X}
+  v = a.task_verdict(_summary(tuned, transfer, critical=_NO_DIFFERENCE))
+  assert v["verdict"] == "partial"
+  assert v["lamb_wins"] == {"tuned": False, "transfer": True,
+                            "critical_batch": False}
   # Within tau: 0.80 -> 0.796 is kept (0.004 <= 0.005), 0.70 is not.
-  v = a.task_verdict(_summary({"lamb": drop_at_64x, "adamw": drop_at_8x,
-                               "lars": drop_at_8x}))
+  v = a.task_verdict(_summary({"lamb": _DROP_AT_64X, "adamw": _DROP_AT_8X,
+                               "lars": _DROP_AT_8X}))
   assert v["largest_kept"]["tuned"]["lamb"] == 256
   assert v["verdict"] == "reproduced"
-  # LAMB keeps longer but ends worse than AdamW at the largest batch: fails.
+  # LAMB keeps longer but ends worse than AdamW at the largest batch.
   v = a.task_verdict(_summary({"lamb": [0.80, 0.80, 0.50],
                                "adamw": [0.90, 0.70, 0.60],
-                               "lars": drop_at_8x}))
+                               "lars": _DROP_AT_8X}, critical=_NO_DIFFERENCE))
   assert v["largest_kept"]["tuned"]["lamb"] == 256
   assert v["lamb_wins"]["tuned"] is False and v["verdict"] == "fails"
   # Every optimizer already degrades at 8x: untestable.
-  everyone_drops = {o: drop_at_8x for o in ("lamb", "adamw", "lars")}
+  everyone_drops = {o: _DROP_AT_8X for o in ("lamb", "adamw", "lars")}
   assert a.task_verdict(_summary(everyone_drops))["verdict"] == "untestable"
   # No batch 8x the base: untestable too.
   short = _summary({o: [0.8, 0.8] for o in ("lamb", "adamw", "lars")},
                    batches=(32, 128))
   assert a.task_verdict(short)["verdict"] == "untestable"
+  # Without AdamW there is no claim to test.
+  assert a.task_verdict(_summary({"lamb": _FLAT, "lars": _DROP_AT_8X}))[
+      "verdict"] == "untestable"
   # Across tasks.
   assert a.overall_verdict({"a": "reproduced", "b": "untestable"}) == (
       "reproduced")
   assert a.overall_verdict({"a": "reproduced", "b": "fails"}) == "mixed"
   assert a.overall_verdict({"a": "untestable"}) == "untestable"
+
+
+def test_a_task_that_fails_the_gate_is_untestable_never_fails(example):
+  a = example["analysis"]
+  # Everything else would be "reproduced" (and, below, "fails").
+  v = a.task_verdict(_summary({"lamb": _FLAT, "adamw": _DROP_AT_8X,
+                               "lars": _DROP_AT_8X}, gate_passed=False))
+  assert v["verdict"] == "untestable"
+  assert any("learnability gate" in r for r in v["reasons"])
+  v = a.task_verdict(_summary({"lamb": _DROP_AT_8X, "adamw": _FLAT,
+                               "lars": _FLAT}, critical=_NO_DIFFERENCE,
+                              gate_passed=False))
+  assert v["verdict"] == "untestable"
+
+
+@pytest.mark.parametrize("baseline, best, floor, higher, margin, passed", [
+    # MNIST-1D: majority class 0.10; 10 x 0.005 = 0.05 needed.
+    (0.10, 0.16, 0.005, True, 0.06, True),
+    (0.10, 0.15, 0.005, True, 0.05, True),  # exactly on the gate
+    (0.10, 0.1499, 0.005, True, 0.0499, False),
+    (0.10, 0.08, 0.005, True, -0.02, False),  # worse than the baseline
+    # Masked LM: unigram 4.0 nats; 10 x 0.02 = 0.2 needed.
+    (4.0, 3.8, 0.02, False, 0.2, True),  # exactly on the gate
+    (4.0, 3.81, 0.02, False, 0.19, False),
+    (3.817, 3.417, 0.02, False, 0.4, True),
+])
+def test_learnability_gate(example, baseline, best, floor, higher, margin,
+                           passed):
+  gate = example["analysis"].learnability_gate(baseline, best, floor, higher)
+  assert gate["margin"] == pytest.approx(margin, abs=1e-12)
+  assert gate["required"] == pytest.approx(10 * floor)
+  assert gate["margin_in_floors"] == pytest.approx(margin / floor)
+  assert gate["passed"] is passed
+  assert (gate["baseline"], gate["best"]) == (baseline, best)
+
+
+def test_critical_batch(example):
+  a = example["analysis"]
+  batches = [16, 32, 64, 128]
+  # Perfect scaling from 100 steps at 16: 50, 25, 12.5. 60 at 32 and 30 at
+  # 64 are exactly 1.2x (within); 20 at 128 is 1.6x.
+  steps = {16: 100, 32: 60, 64: 30, 128: 20}
+  assert a.critical_batch(batches, steps) == 64
+  assert a.scaling_overhead(60, 100, 32, 16) == pytest.approx(1.2)
+  assert a.scaling_overhead(20, 100, 128, 16) == pytest.approx(1.6)
+  assert a.scaling_overhead(None, 100, 128, 16) is None
+  # Just above 1.2x at 32 stops it there: the base batch.
+  assert a.critical_batch(batches, {**steps, 32: 60.5}) == 16
+  # Perfect scaling all the way.
+  assert a.critical_batch(batches, {16: 80, 32: 40, 64: 20, 128: 10}) == 128
+  # Contiguous: a batch within 1.2x after one that is not does not count.
+  assert a.critical_batch(batches, {16: 100, 32: 70, 64: 25, 128: 12}) == 16
+  # Censored at 64: the critical batch is 32.
+  assert a.critical_batch(batches, {**steps, 64: None}) == 32
+  # The base batch never reaches the target: no critical batch (0).
+  assert a.critical_batch(batches, {**steps, 16: None}) == 0
+  # A stricter overhead.
+  assert a.critical_batch(batches, steps, overhead=1.1) == 16
+
+
+def test_critical_batch_bootstrap_by_hand(example):
+  a = example["analysis"]
+  batches = [16, 32]
+  # Seeds a, b reach the target at 32 within 1.2x (50, 60 steps against
+  # 100 at 16); seed c does not (80: 1.6x). A resample's median at 32 is
+  # within when at most one of its 3 draws is c: 20 of the 27 resamples.
+  steps = {16: [100, 100, 100], 32: [50, 60, 80]}
+  boot = a.bootstrap_critical_batch(batches, steps)
+  assert boot["batch"] == 32  # median 60: exactly 1.2x
+  assert boot["resamples"] == {16: 7, 32: 20}
+  # 95%: the 1st and the 27th of the 27 sorted values.
+  assert boot["interval"] == [16, 32]
+  # A narrower level: the 0.3 quantile is the 9th value (ceil(8.1)) = 32.
+  assert a.bootstrap_critical_batch(batches, steps, level=0.4)[
+      "interval"] == [32, 32]
+  # Censored seeds: at the base, one never reaches the target; a resample
+  # with two or three draws of it has no critical batch (0).
+  steps = {16: [100, None, 100], 32: [50, 50, 50]}
+  boot = a.bootstrap_critical_batch(batches, steps)
+  assert boot["batch"] == 32
+  assert boot["resamples"] == {0: 7, 32: 20}
+  assert boot["interval"] == [0, 32]
+  # Every seed the same: no spread.
+  boot = a.bootstrap_critical_batch([16, 32, 64], {16: [10, 10],
+                                                   32: [5, 5], 64: [5, 5]})
+  assert boot == {"batch": 32, "interval": [32, 32], "resamples": {32: 4}}
+  with pytest.raises(ValueError, match="same seeds"):
+    a.bootstrap_critical_batch(batches, {16: [1, 2], 32: [1]})
+
+
+def test_interval_order(example):
+  a = example["analysis"]
+  assert a.interval_order([64, 128], [16, 32]) == "above"
+  assert a.interval_order([16, 32], [64, 128]) == "below"
+  assert a.interval_order([32, 64], [64, 128]) == "overlaps"  # touching
+  assert a.interval_order([0, 0], [16, 16]) == "below"
+
+
+def test_nado_reading_covers_every_other_optimizer(example):
+  a = example["analysis"]
+  summary = _summary({"lamb": _FLAT, "adamw": _DROP_AT_8X,
+                      "lars": _DROP_AT_8X, "nesterov": _FLAT,
+                      "muon": [0.80, 0.81, 0.82]})
+  assert a.nado_reading(summary) == {
+      "adamw": {"final": "loses to", "critical_batch": "below"},
+      "lars": {"final": "loses to", "critical_batch": "below"},
+      "nesterov": {"final": "matches", "critical_batch": "overlaps"},
+      "muon": {"final": "beats", "critical_batch": "overlaps"}}
+  assert "muon beats LAMB at the largest batch, critical batch overlaps" in (
+      a.nado_text(a.nado_reading(summary)))
 
 
 def test_verdict_for_a_loss_uses_the_lower_is_better_direction(example):
@@ -225,6 +428,10 @@ def test_verdict_for_a_loss_uses_the_lower_is_better_direction(example):
   summary["higher_is_better"] = False
   summary["tolerance_floor"] = 0.02
   assert a.task_verdict(summary)["verdict"] == "reproduced"
+  # Losses going up by more than tau: LAMB's rises by 0.1 at 2048.
+  summary["cells"]["tuned"]["lamb"][2048]["mean"] = 2.1
+  summary["cells"]["transfer"]["lamb"][2048]["mean"] = 2.1
+  assert a.task_verdict(summary)["largest_kept"]["tuned"]["lamb"] == 256
 
 
 # ----------------------------------------------------------------------------
@@ -237,6 +444,9 @@ def test_verdict_for_a_loss_uses_the_lower_is_better_direction(example):
     ("num_learning_rates", 0, "config.num_learning_rates"),
     ("report_seeds", (1, 2, 3), "config.report_seeds"),  # overlaps selection
     ("selection_seeds", (0,), "config.selection_seeds"),
+    ("min_steps", 0, "config.min_steps"),
+    ("num_workers", 0, "config.num_workers"),
+    ("max_warmup_fraction", 1.5, "config.max_warmup_fraction"),
 ])
 def test_bad_config_names_the_field(example, tmp_path, field, value,
                                     message):
@@ -260,21 +470,55 @@ def test_bad_task_config_names_the_field(example, tmp_path):
   config.tasks = ("mnist1d",)
   config.mnist1d.batch_sizes = (16, 4096)  # 800 training signals
   config.mnist1d.warmup_steps = 1
+  config.min_steps = 1
   with pytest.raises(ValueError, match=r"config\.mnist1d\.batch_sizes.*800"):
     study.run_study(config, str(tmp_path / "c"))
+  # Too few steps at the largest batch (8 at 128), or a warmup longer than a
+  # quarter of them (3 > 8 / 4).
+  config = example["test"].get_config()
+  config.min_steps = 9
+  with pytest.raises(ValueError, match=r"config\.mnist1d\.budget_examples.*"
+                     r"8 steps at the largest batch 128"):
+    study.run_study(config, str(tmp_path / "d"))
+  config = example["test"].get_config()
+  config.mnist1d.warmup_steps = 3
+  with pytest.raises(ValueError, match=r"config\.mnist1d\.warmup_steps.*"
+                     r"max_warmup_fraction"):
+    study.run_study(config, str(tmp_path / "e"))
+  config = example["test"].get_config()
+  config.mnist1d.target_fraction = 0.0
+  with pytest.raises(ValueError, match=r"config\.mnist1d\.target_fraction"):
+    study.run_study(config, str(tmp_path / "f"))
 
 
 def test_shipped_configs_pass_their_checks(example):
+  study, trials = example["study"], example["trials"]
   for name in ("default", "gpu", "test"):
-    example["study"].check_config(example[name].get_config())
-  default = example["default"].get_config()
-  # The issue's minimum protocol.
-  assert len(default.mnist1d.batch_sizes) >= 7
-  assert default.mnist1d.batch_sizes[-1] >= 64 * default.mnist1d.batch_sizes[0]
-  assert len(default.mlm.batch_sizes) >= 4
-  assert default.mlm.batch_sizes[-1] >= 64 * default.mlm.batch_sizes[0]
-  assert len(default.selection_seeds) >= 2 and len(default.report_seeds) >= 3
-  assert default.lr_factor == 2.0
+    study.check_config(example[name].get_config())
+  # The issue's minimum protocol, for the CPU study and the GPU one.
+  for name in ("default", "gpu"):
+    config = example[name].get_config()
+    assert tuple(config.optimizers) == trials.OPTIMIZERS  # all five
+    assert len(config.mnist1d.batch_sizes) >= 7
+    assert len(config.mlm.batch_sizes) >= 4
+    assert len(config.selection_seeds) >= 2 and len(config.report_seeds) >= 3
+    assert config.lr_factor == 2.0 and config.min_steps >= 100
+    for task in ("mnist1d", "mlm"):
+      section = config[task]
+      batches = section.batch_sizes
+      assert batches[-1] >= 64 * batches[0]
+      for batch in batches:
+        schedule = trials.make_schedule(batch, section.budget_examples,
+                                        section.warmup_steps,
+                                        config.num_evals)
+        # At least 100 steps, warmup at most a quarter of them, and the
+        # same budget of examples at every batch size, exactly.
+        assert schedule.total_steps >= 100, (name, task, batch)
+        assert 4 * section.warmup_steps <= schedule.total_steps
+        assert schedule.total_steps * batch == section.budget_examples
+      # The steps-to-target target around the middle of the base budget,
+      # where a 2x step overhead stays observable.
+      assert 0.3 <= section.target_fraction <= 0.5
 
 
 # ----------------------------------------------------------------------------
@@ -287,30 +531,120 @@ def tiny_mnist1d(example):
   return example["tasks"].mnist1d_task(config.mnist1d), config
 
 
-@pytest.mark.parametrize("optimizer", ["lamb", "nesterov"])
+# A rate each optimizer trains the tiny MLP with.
+_RATES = {"lamb": 0.05, "adamw": 0.01, "lars": 0.05, "nesterov": 0.05,
+          "muon": 0.01}
+
+
+@pytest.mark.parametrize("optimizer", list(_RATES))
 def test_vmapped_trial_equals_the_trial_alone(example, tiny_mnist1d,
                                               optimizer):
+  """All five optimizers: one vmapped call trains each trial as if alone."""
   trials = example["trials"]
+  assert tuple(_RATES) == trials.OPTIMIZERS
   task, config = tiny_mnist1d
+  lr = _RATES[optimizer]
   schedule = trials.make_schedule(16, 256, 2, 4)
   together = trials.run_trials(task, optimizer, config.optimizer, schedule,
-                               [0.01, 0.05, 0.0], [0, 1, 1],
+                               [lr / 5, lr, 0.0], [0, 1, 1],
                                record_ratios=True)
   alone = trials.run_trials(task, optimizer, config.optimizer, schedule,
-                            [0.05], [1], record_ratios=True)[0]
+                            [lr], [1], record_ratios=True)[0]
   for key in ("accuracy", "loss", "train_loss"):
     np.testing.assert_allclose(together[1]["curve"][key],
                                alone["curve"][key], rtol=2e-5, atol=1e-6)
-  if optimizer == "lamb":
-    for layer, values in alone["trust_ratios"].items():
-      np.testing.assert_allclose(together[1]["trust_ratios"][layer], values,
-                                 rtol=2e-5)
-  # The injected rate is the one used: rate 0 never moves the parameters.
+  assert ("trust_ratios" in alone) == (
+      optimizer in trials.TRUST_RATIO_OPTIMIZERS)
+  for layer, values in alone.get("trust_ratios", {}).items():
+    np.testing.assert_allclose(together[1]["trust_ratios"][layer], values,
+                               rtol=2e-5)
+  # The injected rate is the one used: rate 0 never moves the parameters,
+  # and the rate trains.
   zero = together[2]["curve"]
   assert len(set(zero["loss"])) == 1 and len(set(zero["accuracy"])) == 1
-  assert together[1]["curve"]["loss"][-1] < zero["loss"][-1]
+  assert not together[1]["diverged"]
+  assert together[1]["curve"]["loss"][-1] < zero["loss"][-1] - 0.05
   # Other rates or seeds do give other runs.
   assert together[0]["curve"]["loss"] != together[1]["curve"]["loss"]
+
+
+def test_beta2_rule(example, tiny_mnist1d):
+  trials = example["trials"]
+  # Marek et al.'s constant half-life: 0.999 ** (B / B0); a half-life of
+  # ln(1/2) / ln(0.999) = 692.8 steps at 16 is 10.8 steps at 1024, the same
+  # 11,085 examples.
+  assert trials.beta2_at(0.999, 16, 16, "half_life") == 0.999
+  assert trials.beta2_at(0.999, 1024, 16, "half_life") == pytest.approx(
+      0.999**64)
+  half_life = {b: math.log(0.5) / math.log(trials.beta2_at(0.999, b, 16,
+                                                           "half_life"))
+               for b in (16, 1024)}
+  assert half_life[16] * 16 == pytest.approx(half_life[1024] * 1024)
+  assert trials.beta2_at(0.999, 1024, 16, "fixed") == 0.999
+  with pytest.raises(ValueError, match="beta2_rule"):
+    trials.beta2_at(0.999, 32, 16, "linear")
+  # The beta2 handed to a run is the one its optimizer uses: the same run as
+  # an optimizer built with that beta2, another run than the default's.
+  task, config = tiny_mnist1d
+  schedule = trials.make_schedule(16, 256, 2, 4)
+  injected = trials.run_trials(task, "adamw", config.optimizer, schedule,
+                               [0.01], [0], b2=0.9)[0]["curve"]["loss"]
+  default = trials.run_trials(task, "adamw", config.optimizer, schedule,
+                              [0.01], [0])[0]["curve"]["loss"]
+  hyper = config.optimizer.copy_and_resolve_references()
+  hyper.b2 = 0.9
+  built = trials.run_trials(task, "adamw", hyper, schedule, [0.01],
+                            [0])[0]["curve"]["loss"]
+  np.testing.assert_allclose(injected, built, rtol=1e-6)
+  assert not np.allclose(injected, default, rtol=1e-4)
+
+
+def _muon_leaves(state):
+  """``{leaf path: "muon" | "adam"}`` from a muon state's two partitions."""
+  inner = state.inner_state.inner_states
+  out = {}
+  for label in ("muon", "adam"):
+    moments = inner[label].inner_state[0].mu
+    for path, leaf in jax.tree_util.tree_leaves_with_path(
+        moments, is_leaf=lambda x: type(x).__name__ == "MaskedNode"):
+      if type(leaf).__name__ != "MaskedNode":
+        name = "/".join(str(getattr(k, "key", k)) for k in path)
+        assert name not in out, name
+        out[name] = label
+  return out
+
+
+def test_muon_orthogonalises_hidden_matrices_only(example, tiny_mnist1d,
+                                                  tiny_mlm):
+  """Muon's split: hidden layers' 2-D kernels; the AdamW fallback for
+  embeddings, the output head, biases and LayerNorm."""
+  trials = example["trials"]
+  mlp, config = tiny_mnist1d
+  params = mlp.init(jax.random.key(0))
+  tx = trials.make_optimizer("muon", config.optimizer, mlp.orthogonalised)
+  leaves = _muon_leaves(tx.init(params))
+  # configs/test.py's MLP has one hidden layer (Dense_0), then the head.
+  assert {k for k, v in leaves.items() if v == "muon"} == {"Dense_0/kernel"}
+  assert {k for k, v in leaves.items() if v == "adam"} == {
+      "Dense_0/bias", "Dense_1/bias", "Dense_1/kernel", "LayerNorm_0/bias",
+      "LayerNorm_0/scale"}
+  bert, _ = tiny_mlm
+  params = bert.init(jax.random.key(0))
+  leaves = _muon_leaves(trials.make_optimizer(
+      "muon", config.optimizer, bert.orthogonalised).init(params))
+  muon = {k for k, v in leaves.items() if v == "muon"}
+  assert muon == {f"encoder/layer_0/{name}/kernel" for name in (
+      "attention/query", "attention/key", "attention/value",
+      "attention/output", "intermediate", "output")} | {
+          "mlm_head/transform/kernel"}
+  adam = {k for k, v in leaves.items() if v == "adam"}
+  assert {"embeddings/word/embedding", "embeddings/position/embedding",
+          "embeddings/segment/embedding", "mlm_head/bias"} <= adam
+  assert all(k.endswith(("bias", "scale", "embedding")) for k in adam)
+  with pytest.raises(ValueError, match="orthogonalised"):
+    trials.make_optimizer("muon", config.optimizer)
+  with pytest.raises(ValueError, match="adagrad"):
+    trials.make_optimizer("adagrad", config.optimizer)
 
 
 def test_schedule_keeps_warmup_fixed_and_the_budget(example):
@@ -390,6 +724,74 @@ def test_study_writes_every_output_and_a_verdict(example, finished_study):
         assert report[0]["examples"] >= config[task].budget_examples
   summary_file = json.loads(pathlib.Path(workdir, "summary.json").read_text())
   assert summary_file["verdict"] == summary["verdict"]
+  assert summary_file["protocol"] == example["study"].protocol_fingerprint(
+      config)
+  other = example["test"].get_config()
+  other.mnist1d.target_fraction = 0.5
+  assert example["study"].protocol_fingerprint(other) != (
+      summary_file["protocol"])
+  other = example["test"].get_config()
+  other.num_workers = 2  # How the study runs, not what it computes.
+  assert example["study"].protocol_fingerprint(other) == (
+      summary_file["protocol"])
+  # The gate: the baseline, the best tuned base-batch result and the margin,
+  # in summary.json and results.md.
+  task = summary_file["tasks"]["mnist1d"]
+  base = str(config.mnist1d.batch_sizes[0])
+  best = max(task["cells"]["tuned"][o][base]["mean"]
+             for o in config.optimizers)
+  labels = [r["final"]["accuracy"] for r in rows]
+  assert 0 < task["baseline"] < 0.5 and labels
+  assert task["best_base"]["value"] == best
+  assert task["margin"] == pytest.approx(best - task["baseline"])
+  assert task["gate"]["passed"] is (task["margin"] >= 10 * 0.005)
+  assert f"Margin {task['margin']:.4f}" in results
+  # The target: the worst optimizer's median tuned base-batch accuracy at
+  # the evaluation nearest 40% of the budget (here the 2nd of 4),
+  # recomputed from trials.jsonl; every row's steps to target is where its
+  # curve first crosses it, interpolated from the evaluation before.
+  index = round(config.mnist1d.target_fraction * config.num_evals) - 1
+  base_report = {o: [r for r in rows if r["optimizer"] == o
+                     and r["batch"] == int(base) and r["role"] == "report"]
+                 for o in config.optimizers}
+  target = min(float(np.median([r["curve"]["accuracy"][index] for r in rs]))
+               for rs in base_report.values())
+  assert task["target"] == pytest.approx(target, abs=1e-12)
+  for r in rows:
+    steps, acc = r["curve"]["step"], r["curve"]["accuracy"]
+    first = next((k for k, v in enumerate(acc) if v >= target), None)
+    if first is None:
+      assert r["steps_to_target"] is None
+    elif first == 0:
+      assert r["steps_to_target"] == steps[0]
+    else:
+      assert steps[first - 1] < r["steps_to_target"] <= steps[first]
+      # On the straight line between the two evaluations.
+      slope = (acc[first] - acc[first - 1]) / (steps[first] - steps[first - 1])
+      assert acc[first - 1] + slope * (
+          r["steps_to_target"] - steps[first - 1]) == pytest.approx(target)
+  # Critical batches, with intervals, for every optimizer, from the report
+  # seeds' steps to target.
+  for opt in config.optimizers:
+    critical = task["critical"][opt]
+    by_batch = {b: [r["steps_to_target"] for r in sorted(
+        (r for r in rows if r["optimizer"] == opt and r["batch"] == b
+         and r["role"] == "report"), key=lambda r: r["seed"])]
+                for b in config.mnist1d.batch_sizes}
+    expected = a.bootstrap_critical_batch(list(config.mnist1d.batch_sizes),
+                                          by_batch)
+    assert critical["batch"] == expected["batch"]
+    assert critical["interval"] == expected["interval"]
+    assert f"| {opt} | " in results
+
+
+_OUTPUTS = ("results.md", "summary.json", "trials.jsonl",
+            "mnist1d_final_metric.png", "mnist1d_steps_to_target.png",
+            "mnist1d_lr_heatmap.png", "mnist1d_trust_ratios.png")
+
+
+def _read(workdir):
+  return {name: pathlib.Path(workdir, name).read_bytes() for name in _OUTPUTS}
 
 
 def test_rerun_skips_finished_cells_and_reproduces_results(example,
@@ -397,18 +799,17 @@ def test_rerun_skips_finished_cells_and_reproduces_results(example,
   study = example["study"]
   workdir, _, _ = finished_study
   config = example["test"].get_config()
-  results = pathlib.Path(workdir, "results.md").read_bytes()
-  summary = pathlib.Path(workdir, "summary.json").read_bytes()
-  trials_file = pathlib.Path(workdir, "trials.jsonl").read_bytes()
+  outputs = _read(workdir)
   again = study.run_study(config, workdir)
   assert again["run"]["trained"] == []
-  assert pathlib.Path(workdir, "results.md").read_bytes() == results
+  assert _read(workdir) == outputs
   # A study killed mid-way: the cells it finished are kept, and the rest,
-  # run again (here: two cells, the first run stopping after one), give the
-  # same numbers.
+  # run again (here: three cells, the first run stopping after one, the
+  # second training two chains on two worker processes), give the same
+  # numbers, and the same bytes.
   copy = workdir + "_killed"
   shutil.copytree(workdir, copy)
-  lost = ["mnist1d-adamw-128", "mnist1d-lars-128"]
+  lost = ["mnist1d-lamb-128", "mnist1d-adamw-128", "mnist1d-lars-128"]
   for name in lost:
     os.remove(os.path.join(copy, "cells", f"{name}.json"))
   os.remove(os.path.join(copy, "results.md"))
@@ -417,11 +818,10 @@ def test_rerun_skips_finished_cells_and_reproduces_results(example,
   assert stopped["run"] == {"trained": [lost[0]], "stopped": True}
   assert not os.path.exists(os.path.join(copy, "results.md"))
   config.stop_after_cells = 0
+  config.num_workers = 2
   resumed = study.run_study(config, copy)
-  assert resumed["run"]["trained"] == [lost[1]]
-  assert pathlib.Path(copy, "results.md").read_bytes() == results
-  assert pathlib.Path(copy, "summary.json").read_bytes() == summary
-  assert pathlib.Path(copy, "trials.jsonl").read_bytes() == trials_file
+  assert resumed["run"]["trained"] == lost[1:]
+  assert _read(copy) == outputs
   assert not [f for f in os.listdir(os.path.join(copy, "cells"))
               if ".tmp" in f]
   # Another protocol in the same workdir is refused, naming the fields.
@@ -430,14 +830,80 @@ def test_rerun_skips_finished_cells_and_reproduces_results(example,
     study.run_study(config, copy)
 
 
-def test_mlm_task_uses_the_bert_example_and_learns(example, tmp_path):
-  tasks, trials = example["tasks"], example["trials"]
+def test_outputs_are_rebuilt_from_the_cells_byte_for_byte(example,
+                                                          finished_study,
+                                                          tmp_path):
+  study = example["study"]
+  workdir, _, _ = finished_study
+  config = example["test"].get_config()
+  outputs = _read(workdir)
+  copy = tmp_path / "study"
+  shutil.copytree(workdir, copy)
+  for name in _OUTPUTS:
+    os.remove(copy / name)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    study.rebuild_outputs(config, str(copy))
+  assert _read(copy) == outputs
+  assert printed.getvalue().startswith("VERDICT: ")
+  # Nothing to rebuild from: a missing cell, or no study at all.
+  os.remove(copy / "cells" / "mnist1d-lars-128.json")
+  with pytest.raises(ValueError, match="mnist1d-lars-128"):
+    study.rebuild_outputs(config, str(copy))
+  with pytest.raises(ValueError, match="no config.json"):
+    study.rebuild_outputs(config, str(tmp_path / "empty"))
+
+
+@pytest.fixture(scope="module")
+def tiny_mlm(example, tmp_path_factory):
   config = example["default"].get_config()
   section = config.mlm
   section.vocab_size, section.seq_length, section.eval_examples = 256, 16, 32
   section.hidden_size, section.num_layers, section.num_heads = 16, 1, 1
   section.intermediate_size = 32
-  task = tasks.make_task("mlm", section, str(tmp_path))
+  task = example["tasks"].make_task("mlm", section,
+                                    str(tmp_path_factory.mktemp("mlm")))
+  return task, config
+
+
+def test_calibration_probes_see_the_base_batch_only(tmp_path):
+  """calibrate.py's pilot trains every optimizer alike at the base batch
+  alone (the evidence the sizes were chosen on)."""
+  script = str(_EXAMPLE / "calibrate.py")
+  common = ["--config", str(_EXAMPLE / "configs" / "test.py"),
+            "--config.optimizers=adamw", f"--workdir={tmp_path}"]
+  subprocess.run([sys.executable, script, "--mode=pilot", "--task=mnist1d",
+                  "--num_rates=2"] + common, check=True, capture_output=True)
+  pilot = json.loads((tmp_path / "pilot_mnist1d.json").read_text())["result"]
+  assert pilot["batch"] == 16 and pilot["steps"] == 1024 // 16
+  adamw = pilot["optimizers"]["adamw"]
+  assert adamw["rates"] == pytest.approx([0.004 / 2**0.5, 0.004 * 2**0.5])
+  assert adamw["best"] == max(adamw["final"])
+  assert adamw["margin"] == pytest.approx(
+      adamw["best"] - pilot["baseline"]["accuracy"])
+
+
+def test_committed_results_belong_to_the_default_config(example):
+  """No stale results: what results/ holds was made with configs/default.py
+  as committed (summary.json records the protocol's fingerprint), and every
+  figure results.md shows is there; with no results, nothing links to them."""
+  results = _EXAMPLE / "results"
+  docs = (_EXAMPLE.parents[1] / "docs" / "batch_scaling.md").read_text()
+  if not results.exists():
+    assert "results/" not in re.sub(r"<!--.*?-->", "", docs, flags=re.S)
+    return
+  summary = json.loads((results / "summary.json").read_text())
+  assert summary["protocol"] == example["study"].protocol_fingerprint(
+      example["default"].get_config())
+  text = (results / "results.md").read_text()
+  assert f"**Verdict: {summary['verdict']}**" in text
+  for figure in re.findall(r"\]\(([^)]+\.png)\)", text):
+    assert (results / figure).is_file(), figure
+
+
+def test_mlm_task_uses_the_bert_example_and_learns(example, tiny_mlm):
+  trials = example["trials"]
+  task, config = tiny_mlm
   bert_models = sys.modules["batch_scaling_bert_models"]
   assert bert_models.__file__ == str(_EXAMPLE.parent / "bert" / "models.py")
   assert task.metric == "loss" and not task.higher_is_better
@@ -449,6 +915,42 @@ def test_mlm_task_uses_the_bert_example_and_learns(example, tmp_path):
   assert any("attention/query/kernel" in k for k in first["trust_ratios"])
   assert not any(k.endswith("bias") or "norm" in k
                  for k in first["trust_ratios"])
+  # The gate's baselines, from the same held-out masked tokens: a unigram
+  # model (at most the uniform model's log(V - 5) nats) and the best constant.
+  assert 0 < task.baseline["loss"] < math.log(256 - 5)
+  weights = np.asarray(task.data["masked_weights"]) > 0
+  targets = np.asarray(task.data["masked_ids"])[weights]
+  counts = np.bincount(targets)
+  assert task.baseline["accuracy"] == pytest.approx(counts.max() / len(targets))
+
+
+def test_unigram_cross_entropy_by_hand(example):
+  tasks = example["tasks"]
+  # Special tokens 0..4 are left out; 5 twice, 6 and 7 once, add-one
+  # smoothing: p = 3/7, 2/7, 2/7. Targets 5 and 7 (weight 1), and a padding
+  # slot (weight 0).
+  stream = np.array([2, 5, 5, 3, 6, 7, 3, 0], np.int32)
+  ce = tasks.unigram_cross_entropy(stream, np.array([[5, 7, 0]]),
+                                   np.array([[1.0, 1.0, 0.0]]), vocab_size=8,
+                                   num_special=5)
+  assert ce == pytest.approx(-(math.log(3 / 7) + math.log(2 / 7)) / 2)
+  # A token never seen in training costs log(N + V') = log(7).
+  ce = tasks.unigram_cross_entropy(stream, np.array([[5, 5]]),
+                                   np.array([[1.0, 0.0]]), 9, 5)
+  assert ce == pytest.approx(-math.log(3 / 8))
+  with pytest.raises(ValueError, match="special"):
+    tasks.unigram_cross_entropy(stream, np.array([[4]]), np.array([[1.0]]),
+                                8, 5)
+
+
+def test_mnist1d_baseline_is_the_majority_class(example, tiny_mnist1d):
+  task, config = tiny_mnist1d
+  data = example["tasks"].mnist1d_dataset(config.mnist1d.num_samples)
+  counts = collections.Counter(data["y"].tolist())
+  majority = max(counts, key=lambda c: (counts[c], -c))
+  expected = sum(y == majority for y in data["y_test"]) / len(data["y_test"])
+  assert task.baseline == {"accuracy": pytest.approx(expected)}
+  assert str(majority) in task.baseline_name
 
 
 def test_micro_batches_and_padding_do_not_change_the_run(example,

@@ -3,9 +3,11 @@
 1. ``<task>_final_metric.png``: the final held-out metric against the batch
    size per optimizer, tuned and transfer panels, bars from the lowest to the
    highest seed.
-2. ``<task>_steps_to_target.png``: steps to the target against the batch,
-   log-log, with the perfect-scaling line (steps halve when the batch
-   doubles) through each optimizer's base batch; censored cells are open
+2. ``<task>_steps_to_target.png`` (the headline): median steps to the
+   target against the batch, log-log, one line per optimizer (tuned), with
+   the perfect-scaling line (steps halve when the batch doubles) through each
+   optimizer's base batch and its critical batch marked (a star, with its
+   seed-bootstrap interval as a horizontal bar); censored cells are open
    markers at the run's length.
 3. ``<task>_lr_heatmap.png``: the selection-seed mean over learning rate x
    batch, one panel per optimizer; the chosen rate circled.
@@ -26,7 +28,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 COLORS = {"lamb": "tab:blue", "adamw": "tab:orange", "lars": "tab:green",
-          "nesterov": "tab:red"}
+          "nesterov": "tab:red", "muon": "tab:purple"}
 
 
 def _save(fig, path: str, dpi: int) -> str:
@@ -61,9 +63,8 @@ def plot_final_metric(name, summary, path, dpi):
 
 def plot_steps_to_target(name, summary, path, dpi):
   batches = summary["batches"]
-  fig, ax = plt.subplots(figsize=(4.6, 3.4))
-  steps_of = {b: summary["cell_info"][next(iter(summary["cell_info"]))][b][
-      "steps"] for b in batches}
+  fig, ax = plt.subplots(figsize=(5.2, 3.8))
+  steps_of = {b: summary["steps"][b] for b in batches}
   for opt, cells in summary["cells"]["tuned"].items():
     color = COLORS.get(opt)
     xs, ys = [], []
@@ -80,16 +81,26 @@ def plot_steps_to_target(name, summary, path, dpi):
     if base is not None:
       ax.plot(batches, [base * batches[0] / b for b in batches], ls=":",
               color=color, lw=0.8)
+    critical = summary["critical"][opt]
+    if critical["batch"]:
+      low, high = critical["interval"]
+      y = cells[critical["batch"]]["median_steps_to_target"]
+      low = low or batches[0]
+      ax.errorbar([critical["batch"]], [y],
+                  xerr=[[critical["batch"] - low], [high - critical["batch"]]],
+                  marker="*", ms=11, color=color, mec="black", mew=0.5,
+                  capsize=3, lw=1.0, ls="none", alpha=0.8)
   ax.plot(batches, [steps_of[b] for b in batches], color="gray", lw=0.8,
           ls="--", label="budget")
   ax.set_xscale("log", base=2)
   ax.set_yscale("log")
   ax.set_xlabel("batch size")
-  ax.set_ylabel("steps to target")
+  ax.set_ylabel("steps to target (median over seeds)")
   sign = ">=" if summary["higher_is_better"] else "<="
   ax.set_title(f"{name}, tuned: steps to {summary['metric']} {sign} "
-               f"{summary['target']:.3f}\n(dotted: perfect scaling; open "
-               "marker: censored)", fontsize=8)
+               f"{summary['target']:.3f}\ndotted: perfect scaling; star: "
+               "critical batch, bar: its interval;\nopen marker: censored",
+               fontsize=8)
   ax.legend(fontsize=7)
   ax.grid(alpha=0.3, which="both")
   return _save(fig, path, dpi)

@@ -61,6 +61,12 @@ class Task:
     evaluate: ``(params, data) -> {metric: scalar}`` on the held-out set.
     train_inputs: ``(seed, batch_size, num_steps) -> pytree of arrays``
       with leading shape ``(num_steps, batch_size)``.
+    orthogonalised: ``params -> tree of bools``: the 2-D weight matrices of
+      hidden layers, which Muon orthogonalises (every other leaf gets its
+      AdamW fallback).
+    baseline: The trivial baseline's held-out metrics (``metric`` is the
+      one the learnability gate compares with).
+    baseline_name: What the baseline is, for the results.
     description: One line for logs.
   """
   name: str
@@ -74,6 +80,9 @@ class Task:
   loss: Callable[[Any, Any, Any], jax.Array]
   evaluate: Callable[[Any, Any], dict[str, jax.Array]]
   train_inputs: Callable[[int, int, int], Any]
+  orthogonalised: Callable[[Any], Any]
+  baseline: dict[str, float]
+  baseline_name: str
   description: str
 
 
@@ -91,6 +100,19 @@ def epoch_indices(seed: int, num_examples: int, batch_size: int,
   stream = np.concatenate([rng.permutation(num_examples)
                            for _ in range(epochs)])
   return stream[:needed].reshape(num_steps, batch_size).astype(np.int32)
+
+
+def path_name(path) -> str:
+  """``a/b/kernel`` for a jax tree path."""
+  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def _leaf_mask(predicate: Callable[[str, Any], bool]) -> Callable[[Any], Any]:
+  """``params -> tree of bools``: ``predicate("a/b/kernel", leaf)``."""
+  def mask(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: bool(predicate(path_name(path), x)), params)
+  return mask
 
 
 # ----------------------------------------------------------------------------
@@ -164,12 +186,23 @@ def mnist1d_task(config: ml_collections.ConfigDict) -> Task:
 
   num_params = sum(x.size for x in jax.tree.leaves(
       jax.eval_shape(init, jax.random.key(0))))
+  # Muon: the hidden layers' kernels; the classifier (the last Dense) is the
+  # output head.
+  head = f"Dense_{len(config.hidden_sizes)}/"
+  orthogonalised = _leaf_mask(lambda name, x: name.endswith("kernel")
+                              and x.ndim == 2 and not name.startswith(head))
+  y_train, y_test = np.asarray(data["y"]), np.asarray(data["y_test"])
+  majority = int(np.argmax(np.bincount(y_train)))
   return Task(
       name="mnist1d", metric="accuracy", higher_is_better=True,
       tolerance_floor=0.005,
       diverged_metrics={"accuracy": 0.0, "loss": math.log(10)},
       num_train_examples=num_train, data=data, init=init, loss=loss,
       evaluate=evaluate, train_inputs=train_inputs,
+      orthogonalised=orthogonalised,
+      baseline={"accuracy": float(np.mean(y_test == majority))},
+      baseline_name=(f"the majority class of the training signals "
+                     f"({majority})"),
       description=(f"mnist1d: {num_train} training / "
                    f"{data['x_test'].shape[0]} "
                    f"held-out signals; MLP {tuple(config.hidden_sizes)} with "
@@ -256,18 +289,56 @@ def mlm_task(config: ml_collections.ConfigDict, cache_dir: str) -> Task:
   num_params = sum(x.size for x in jax.tree.leaves(
       jax.eval_shape(init, jax.random.key(0))))
   num_sequences = max(1, len(train_stream) // (seq_length - 2))
+  # Muon: the encoder's and the MLM transform's kernels; the embeddings (the
+  # output head is tied to the word embeddings) get its AdamW fallback.
+  orthogonalised = _leaf_mask(
+      lambda name, x: name.endswith("kernel") and x.ndim == 2 and (
+          name.startswith("encoder/") or name.startswith("mlm_head/")))
+  unigram = unigram_cross_entropy(
+      train_stream, held_out["masked_ids"], held_out["masked_weights"],
+      vocab_size, num_special=len(input_pipeline.SPECIAL_TOKENS))
+  _, constant_accuracy = input_pipeline.constant_baseline(
+      np.asarray(held_out["masked_ids"]), np.asarray(held_out["masked_weights"]))
   return Task(
       name="mlm", metric="loss", higher_is_better=False,
       tolerance_floor=0.02,
       diverged_metrics={"loss": math.log(vocab_size), "accuracy": 0.0},
       num_train_examples=num_sequences, data=held_out, init=init, loss=loss,
       evaluate=evaluate, train_inputs=train_inputs,
+      orthogonalised=orthogonalised,
+      baseline={"loss": unigram, "accuracy": constant_accuracy},
+      baseline_name=("a unigram model of the training tokens (add-one "
+                     "smoothing, special tokens excluded)"),
       description=(
           f"mlm: {len(train_stream):,} training tokens "
           f"({num_sequences:,} windows of {seq_length}), "
           f"{int(held_out['input_ids'].shape[0])} held-out sequences; BERT "
           f"{config.num_layers}x{config.hidden_size}, vocabulary "
           f"{vocab_size:,}, {num_params:,} parameters"))
+
+
+def unigram_cross_entropy(train_stream: np.ndarray, targets: np.ndarray,
+                          weights: np.ndarray, vocab_size: int,
+                          num_special: int) -> float:
+  """The held-out masked targets' cross-entropy (nats) under a unigram model.
+
+  The model is the training stream's token frequencies over the
+  ``vocab_size - num_special`` non-special tokens (ids >= ``num_special``;
+  masked targets are never special), with add-one smoothing so that a
+  held-out token unseen in training has a finite cost:
+  ``p(t) = (count(t) + 1) / (N + V')``.
+  """
+  stream = np.asarray(train_stream)
+  counts = np.bincount(stream[stream >= num_special], minlength=vocab_size)
+  counts = counts[num_special:].astype(np.float64) + 1.0
+  log_p = np.log(counts) - np.log(counts.sum())
+  targets = np.asarray(targets)
+  weights = np.asarray(weights, np.float64)
+  if np.any(targets[weights > 0] < num_special):
+    raise ValueError("unigram_cross_entropy: a masked target is a special "
+                     "token.")
+  costs = -log_p[np.maximum(targets - num_special, 0)]
+  return float(np.sum(costs * weights) / max(1.0, np.sum(weights)))
 
 
 def make_task(name: str, config: ml_collections.ConfigDict,

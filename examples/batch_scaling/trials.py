@@ -26,30 +26,89 @@ import optax
 
 import lamb_optax
 
-OPTIMIZERS = ("lamb", "adamw", "lars", "nesterov")
+import tasks as tasks_lib
+
+OPTIMIZERS = ("lamb", "adamw", "lars", "nesterov", "muon")
 # Optimizers whose state holds per-layer trust ratios.
 TRUST_RATIO_OPTIMIZERS = ("lamb", "lars")
+# The optimizers with an Adam second moment (Muon: its AdamW fallback),
+# whose beta2 follows BETA2_RULES across batch sizes.
+BETA2_OPTIMIZERS = ("lamb", "adamw", "muon")
+BETA2_RULES = ("half_life", "fixed")
+# Muon's update RMS matched to AdamW's (Liu et al., 2025, "Muon is scalable
+# for LLM training"), so that one learning rate serves its orthogonalised
+# matrices and its AdamW fallback.
+MUON_CONSISTENT_RMS = 0.2
 
 
-def make_optimizer(name: str, hyper: ml_collections.ConfigDict
+def muon_dimension_numbers(orthogonalised: Callable[[Any], Any]
+                           ) -> Callable[[Any], Any]:
+  """``params -> {leaf: MuonDimensionNumbers() or None}`` for optax's muon.
+
+  ``orthogonalised(params)`` is a tree of bools: True for the 2-D weight
+  matrices of hidden layers (Muon's Newton-Schulz update), False for the
+  leaves that get its AdamW fallback.
+  """
+  def dimension_numbers(params):
+    return jax.tree.map(
+        lambda m: optax.contrib.MuonDimensionNumbers() if m else None,
+        orthogonalised(params))
+  return dimension_numbers
+
+
+def beta2_at(b2: float, batch_size: int, base_batch_size: int,
+             rule: str) -> float:
+  r"""The Adam-family beta2 at ``batch_size``.
+
+  ``"half_life"`` (Marek et al., 2025, arXiv 2507.07101): the second
+  moment's half-life in examples (tokens, at a fixed sequence length) stays
+  that of ``b2`` at the base batch,
+
+  .. math:: \beta_2(B) = \beta_2(B_0)^{B / B_0},
+
+  so that under a fixed budget it is the same fraction of the run at every
+  batch size. ``"fixed"``: ``b2`` everywhere (the paper's recipe).
+  """
+  if rule not in BETA2_RULES:
+    raise ValueError(f"`beta2_rule` must be one of {BETA2_RULES}, got "
+                     f"{rule!r}.")
+  if rule == "fixed":
+    return b2
+  return b2 ** (batch_size / base_batch_size)
+
+
+def make_optimizer(name: str, hyper: ml_collections.ConfigDict,
+                   orthogonalised: Optional[Callable[[Any], Any]] = None
                    ) -> optax.GradientTransformation:
   """``name`` with BERT's exclusions and a learning rate to inject.
 
-  Biases and LayerNorm parameters get no weight decay (all four) and no
-  trust ratio (LAMB, LARS): :func:`lamb_optax.masks.exclude_bias_and_norm`.
-  The returned transform's state holds ``hyperparams["learning_rate"]``
-  (initially 0), which the caller sets before each update.
+  Biases and LayerNorm parameters get no weight decay (LAMB, AdamW, LARS,
+  Nesterov) and no trust ratio (LAMB, LARS):
+  :func:`lamb_optax.masks.exclude_bias_and_norm`. Muon
+  (:func:`optax.contrib.muon`) orthogonalises the leaves where
+  ``orthogonalised(params)`` is True (the hidden layers' 2-D weight
+  matrices) and gives every other leaf (embeddings, the output head, biases,
+  LayerNorm) its AdamW fallback, with one learning rate for both
+  (``consistent_rms``) and, as optax's muon does, the fallback's weight
+  decay on all of its leaves. The returned transform's state holds
+  ``hyperparams["learning_rate"]`` (initially 0), which the caller sets
+  before each update, and for :data:`BETA2_OPTIMIZERS`
+  ``hyperparams["b2"]`` (initially ``hyper.b2``), which the caller sets to
+  the batch size's (:func:`beta2_at`).
   """
   mask = lamb_optax.masks.exclude_bias_and_norm()
+  if name not in OPTIMIZERS:
+    raise ValueError(f"`optimizers` has an unknown optimizer {name!r}; "
+                     f"expected one of {OPTIMIZERS}.")
   wd = hyper.weight_decay[name]
   if name == "lamb":
-    def factory(learning_rate):
+    def factory(learning_rate, b2):
       return lamb_optax.lamb(
-          learning_rate, b1=hyper.b1, b2=hyper.b2, eps=hyper.eps,
+          learning_rate, b1=hyper.b1, b2=b2, eps=hyper.eps,
           weight_decay=wd, weight_decay_mask=mask, trust_ratio_mask=mask)
   elif name == "adamw":
-    def factory(learning_rate):
-      return optax.adamw(learning_rate, b1=hyper.b1, b2=hyper.b2,
+    def factory(learning_rate, b2):
+      return optax.adamw(learning_rate, b1=hyper.b1, b2=b2,
                          eps=hyper.eps, weight_decay=wd, mask=mask)
   elif name == "lars":
     def factory(learning_rate):
@@ -62,8 +121,19 @@ def make_optimizer(name: str, hyper: ml_collections.ConfigDict
           optax.add_decayed_weights(wd, mask),
           optax.sgd(learning_rate, momentum=hyper.momentum, nesterov=True))
   else:
-    raise ValueError(f"`optimizers` has an unknown optimizer {name!r}; "
-                     f"expected one of {OPTIMIZERS}.")
+    if orthogonalised is None:
+      raise ValueError("make_optimizer('muon') needs `orthogonalised`, the "
+                       "leaves to orthogonalise.")
+    dimension_numbers = muon_dimension_numbers(orthogonalised)
+
+    def factory(learning_rate, b2):
+      return optax.contrib.muon(
+          learning_rate, beta=hyper.muon_beta, eps=hyper.eps,
+          weight_decay=wd, adam_b1=hyper.b1, adam_b2=b2,
+          adam_weight_decay=wd, consistent_rms=MUON_CONSISTENT_RMS,
+          muon_weight_dimension_numbers=dimension_numbers)
+  if name in BETA2_OPTIMIZERS:
+    return optax.inject_hyperparams(factory)(learning_rate=0.0, b2=hyper.b2)
   return optax.inject_hyperparams(factory)(learning_rate=0.0)
 
 
@@ -115,14 +185,10 @@ def make_schedule(batch_size: int, budget_examples: int, warmup_steps: int,
                   decay_power=decay_power)
 
 
-def _path_name(path) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def trust_ratio_layers(params) -> list[str]:
   """Names of the leaves that get a trust ratio (BERT's exclusions)."""
   mask = lamb_optax.masks.exclude_bias_and_norm()(params)
-  return [_path_name(p) for p, m in
+  return [tasks_lib.path_name(p) for p, m in
           jax.tree_util.tree_leaves_with_path(mask) if m]
 
 
@@ -138,7 +204,8 @@ def _compiled_chunk(loss_fn, evaluate_fn, tx, micro_batch: int,
   the examples come as one flat array per trial, padded to a fixed length.
   """
 
-  def one_trial(carry, inputs, peak, data, lr_scale, num_steps, num_micro):
+  def one_trial(carry, inputs, peak, data, lr_scale, num_steps, num_micro,
+                b2):
     def step(i, carry):
       params, opt_state, count, bad, loss_sum = carry
       batch_size = num_micro * micro_batch
@@ -162,6 +229,8 @@ def _compiled_chunk(loss_fn, evaluate_fn, tx, micro_batch: int,
       hyperparams = dict(opt_state.hyperparams)
       hyperparams["learning_rate"] = (peak * lr_scale[i]).astype(
           hyperparams["learning_rate"].dtype)
+      if "b2" in hyperparams:
+        hyperparams["b2"] = b2.astype(hyperparams["b2"].dtype)
       opt_state = opt_state._replace(hyperparams=hyperparams)
       updates, opt_state = tx.update(grads, opt_state, params)
       params = optax.apply_updates(params, updates)
@@ -179,7 +248,7 @@ def _compiled_chunk(loss_fn, evaluate_fn, tx, micro_batch: int,
     return (params, opt_state, count, bad), metrics
 
   return jax.jit(jax.vmap(one_trial,
-                          in_axes=(0, 0, 0, None, None, None, None)),
+                          in_axes=(0, 0, 0, None, None, None, None, None)),
                  donate_argnums=(0,))
 
 
@@ -188,8 +257,8 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
                seeds: Sequence[int], record_ratios: bool = False,
                inputs_cache: Optional[dict] = None,
                micro_batch: Optional[int] = None,
-               pad_steps: int = 0, pad_examples: int = 0
-               ) -> list[dict[str, Any]]:
+               pad_steps: int = 0, pad_examples: int = 0,
+               b2: Optional[float] = None) -> list[dict[str, Any]]:
   """Trains trial i (``learning_rates[i]``, ``seeds[i]``) for all i at once.
 
   Args:
@@ -209,6 +278,9 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
     pad_steps: Pad the per-evaluation step arguments to at least this many
       steps (the same shapes, hence one compile, for every batch size).
     pad_examples: Likewise for the examples of one evaluation interval.
+    b2: The Adam-family beta2 at this batch size (:func:`beta2_at`); None:
+      ``hyper.b2``. An argument of the compiled step, so one program serves
+      every value.
 
   Returns:
     One dict per trial: ``curve`` (``{"step": [...], metric: [...]}`` at
@@ -252,6 +324,7 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
   steps_len = max(interval, pad_steps)
   examples_len = max(interval * batch, pad_examples)
   num_micro = np.int32(batch // micro_batch)
+  b2 = np.float32(hyper.b2 if b2 is None else b2)
 
   curves = [{"step": []} for _ in seeds]
   ratio_curves = [dict() for _ in seeds]
@@ -268,7 +341,7 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
     scale = np.zeros([steps_len], np.float32)
     scale[:interval] = lr_scale[start:end]
     carry, metrics = chunk(carry, chunk_inputs, peaks, task.data, scale,
-                           np.int32(interval), num_micro)
+                           np.int32(interval), num_micro, b2)
     metrics = jax.device_get(metrics)
     ratios = metrics.pop("trust_ratios", None)
     for i in range(num_trials):
@@ -304,7 +377,7 @@ def _chunk_fn(task, optimizer, hyper, micro_batch, record_ratios):
   key = (task, optimizer, repr(sorted(hyper.to_dict().items())),
          micro_batch, record_ratios)
   if key not in _CHUNK_CACHE:
-    tx = make_optimizer(optimizer, hyper)
+    tx = make_optimizer(optimizer, hyper, task.orthogonalised)
     _CHUNK_CACHE[key] = (tx, _compiled_chunk(
         task.loss, task.evaluate, tx, micro_batch, record_ratios))
   return _CHUNK_CACHE[key]
@@ -317,7 +390,7 @@ def _named_ratios(ratios, params_like) -> dict[str, np.ndarray]:
   for (path, value), adapted in zip(
       jax.tree_util.tree_leaves_with_path(ratios), jax.tree.leaves(mask)):
     if adapted:
-      named[_path_name(path)] = np.asarray(value, np.float64).reshape(
+      named[tasks_lib.path_name(path)] = np.asarray(value, np.float64).reshape(
           value.shape[0])
   return named
 

@@ -20,6 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.selection_seeds = (0, 1)
   config.report_seeds = (100, 101)
   config.num_evals = 4
+  config.min_steps = 4  # The numbers mean nothing here.
+  config.num_workers = 1
   config.mnist1d.num_samples = 1000
   config.mnist1d.hidden_sizes = (16,)
   config.mnist1d.batch_sizes = (16, 128)
