@@ -219,21 +219,24 @@ DEFAULTS = {
                  trust_clip=False, always_adapt=False, bias_correction=True),
     "torch_optimizer": dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-6,
                             weight_decay=0.0, weight_decay_mask=None,
-                            clamp_value=10.0, debias=False, adam=False),
+                            max_grad_norm=None, clamp_value=10.0,
+                            debias=False, adam=False),
     "deepspeed": dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8,
                       weight_decay=0.0, weight_decay_mask=None,
                       bias_correction=True, max_grad_norm=None,
                       max_coeff=10.0, min_coeff=0.01, eps_inside_sqrt=False),
     "tensorflow": dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-6,
-                       weight_decay=0.0, exclude_from_weight_decay=None,
+                       weight_decay=0.0, weight_decay_mask=None,
+                       max_grad_norm=None, exclude_from_weight_decay=None,
                        exclude_from_layer_adaptation=None),
     "keras": dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-7,
                   weight_decay=None, weight_decay_mask=None,
                   max_grad_norm=None),
 }
-# Every preset also takes lamb_optax.lamb's layer_axes and axis_name.
+# Every preset also takes the shared vocabulary of lamb_optax.lamb: the
+# trust-ratio mask (None: the peer's rule), layer_axes and axis_name.
 for _defaults in DEFAULTS.values():
-  _defaults.update(layer_axes=None, axis_name=None)
+  _defaults.update(trust_ratio_mask=None, layer_axes=None, axis_name=None)
 
 
 @pytest.mark.parametrize("peer", list(PEERS))
@@ -393,8 +396,8 @@ def test_update_needs_params(peer, params, grads_seq):
 
 def test_public_face():
   assert set(presets.__all__) == {
-      "PeerTrustRatioState", "deepspeed", "keras", "nvlamb", "tensorflow",
-      "timm", "torch_optimizer"}
+      "deepspeed", "keras", "nvlamb", "tensorflow", "timm",
+      "torch_optimizer"}
   for name in presets.__all__:
     assert getattr(presets, name).__doc__
 
