@@ -396,8 +396,8 @@ def test_update_needs_params(peer, params, grads_seq):
 
 def test_public_face():
   assert set(presets.__all__) == {
-      "deepspeed", "keras", "nvlamb", "tensorflow", "timm",
-      "torch_optimizer"}
+      "ScheduledTrustRatioState", "deepspeed", "keras", "nvlamb",
+      "tensorflow", "timm", "torch_optimizer"}
   for name in presets.__all__:
     assert getattr(presets, name).__doc__
 

@@ -278,9 +278,8 @@ def test_state_shardings_places_moments_like_params():
   # The ratios: params-shaped, of the layer axes' shape (3,) for the stack
   # and scalars: replicated (a scalar parameter's own sharding is P() too).
   trust_sh = shardings[3]
-  assert trust_sh.trust_ratios == {"stack": replicated, "w": replicated,
-                                   "s": replicated}
-  assert trust_sh.count is None
+  assert trust_sh == lamb_optax.ScaleByTrustRatioState(
+      trust_ratios={"stack": replicated, "w": replicated, "s": replicated})
   # Used as out_shardings of the jitted init, on real arrays.
   real = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
   state = jax.jit(tx.init, out_shardings=shardings)(real)

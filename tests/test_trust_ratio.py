@@ -370,7 +370,7 @@ def test_leaves_of_one_shape_share_their_step_kernels():
 
 def test_state_is_params_shaped_float32_ratios():
   """trust_ratios: a float32 scalar per leaf, or the layer axes' shape for
-  a stacked leaf; 1 outside the mask; no count without a schedule."""
+  a stacked leaf; 1 outside the mask; nothing else."""
   params = {"stack": jnp.ones((3, 4, 2)), "w": jnp.ones((4, 2)),
             "s": jnp.ones(())}
   tx = lamb_optax.scale_by_trust_ratio(layer_axes={"stack": 0, "w": None,
@@ -378,7 +378,8 @@ def test_state_is_params_shaped_float32_ratios():
                                        mask={"stack": True, "w": False,
                                              "s": True})
   state = tx.init(params)
-  assert state.count is None
+  assert type(state) is lamb_optax.ScaleByTrustRatioState
+  assert state._fields == ("trust_ratios",)
   assert jax.tree.structure(state.trust_ratios) == jax.tree.structure(params)
   assert jax.tree.map(lambda r: (r.shape, r.dtype), state.trust_ratios) == {
       "stack": ((3,), jnp.float32), "w": ((), jnp.float32),

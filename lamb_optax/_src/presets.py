@@ -44,6 +44,7 @@ from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
 
 TrustRatioOptions = trust_ratio.TrustRatioOptions
+ScheduledTrustRatioState = trust_ratio.ScheduledTrustRatioState
 
 
 def _check_common(learning_rate, b1, b2, eps, weight_decay, max_grad_norm,

@@ -47,14 +47,27 @@ class ScaleByTrustRatioState(NamedTuple):
       ``layer_axes``; 1 before the first update and for leaves outside the
       mask. Read it as ``state.trust_ratios`` or with
       :func:`lamb_optax.trust_ratios` from a whole optimizer state.
-    count: The int32 step count, kept only when a rule of the ratio follows
-      a schedule (the presets' decay-dependent rules with a scheduled decay
-      or learning rate), as :func:`optax.add_decayed_weights` keeps one;
-      None otherwise.
   """
 
   trust_ratios: Any
-  count: Optional[chex.Array] = None
+
+
+class ScheduledTrustRatioState(NamedTuple):
+  """State of a trust ratio whose rule follows a schedule (a preset's decay
+  gate or decoupled decay with a scheduled decay or learning rate): a step
+  count, as :func:`optax.add_decayed_weights` keeps one for a scheduled
+  decay, and the ratios (see :class:`ScaleByTrustRatioState`).
+
+  Attributes:
+    count: The int32 number of updates so far.
+    trust_ratios: The params-shaped float32 ratios of the last update.
+  """
+
+  count: chex.Array
+  trust_ratios: Any
+
+
+TrustRatioState = ScaleByTrustRatioState | ScheduledTrustRatioState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,13 +212,15 @@ def layer_shape(x: chex.Array, spec: LeafSpec) -> tuple[int, ...]:
 
 def initial_state(params: Any, specs: Any,
                   options: TrustRatioOptions = TrustRatioOptions()
-                  ) -> ScaleByTrustRatioState:
+                  ) -> TrustRatioState:
   """The state before a step: every ratio 1 (and a count if needed)."""
   ratios = jax.tree.map(
       lambda x, spec: jnp.ones(layer_shape(x, spec), jnp.float32),
       params, specs)
-  count = jnp.zeros([], jnp.int32) if options.needs_count() else None
-  return ScaleByTrustRatioState(trust_ratios=ratios, count=count)
+  if options.needs_count():
+    return ScheduledTrustRatioState(count=jnp.zeros([], jnp.int32),
+                                    trust_ratios=ratios)
+  return ScaleByTrustRatioState(trust_ratios=ratios)
 
 
 def expand_ratio(ratio: chex.Array, ndim: int,
@@ -388,11 +403,13 @@ def trust_ratio_transform(
   def update_fn(updates, state, params=None):
     if check_inputs:
       validation.check_inputs(updates, params, "scale_by_trust_ratio")
-    scaled, ratios = scale_updates(updates, params, specs_fn(params), options,
-                                   state.count)
-    count = (None if state.count is None
-             else optax.safe_int32_increment(state.count))
-    return scaled, ScaleByTrustRatioState(trust_ratios=ratios, count=count)
+    if isinstance(state, ScheduledTrustRatioState):
+      scaled, ratios = scale_updates(updates, params, specs_fn(params),
+                                     options, state.count)
+      return scaled, ScheduledTrustRatioState(
+          count=optax.safe_int32_increment(state.count), trust_ratios=ratios)
+    scaled, ratios = scale_updates(updates, params, specs_fn(params), options)
+    return scaled, ScaleByTrustRatioState(trust_ratios=ratios)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
