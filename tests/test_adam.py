@@ -116,8 +116,9 @@ def test_plain_equals_optax_scale_by_adam(params, grads_seq):
                                    atol=1e-30)
 
 
-def test_nesterov_n_equals_optax_nesterov(params, grads_seq):
-  ours = _run(lamb_optax.scale_by_adam(eps=1e-6, nesterov="n"), params,
+@pytest.mark.parametrize("nesterov", ["n", True])
+def test_nesterov_n_equals_optax_nesterov(nesterov, params, grads_seq):
+  ours = _run(lamb_optax.scale_by_adam(eps=1e-6, nesterov=nesterov), params,
               grads_seq)
   theirs = _run(optax.scale_by_adam(eps=1e-6, nesterov=True), params,
                 grads_seq)

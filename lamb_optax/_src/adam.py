@@ -118,8 +118,8 @@ def scale_by_adam(
   (1-\beta_2^t)`; with ``bias_correction=False``, :math:`\hat m_t = m_t` and
   :math:`\hat v_t = v_t` (the raw moments of torch-optimizer and DeepSpeed).
 
-  ``nesterov="n"`` (N-LAMB, Appendix of You et al.; optax's
-  ``nesterov=True``) uses a Nesterov first moment, as NAdam:
+  ``nesterov="n"`` (N-LAMB, Appendix of You et al.), or ``True`` as in
+  optax, uses a Nesterov first moment, as NAdam:
 
   .. math::
 
@@ -154,8 +154,9 @@ def scale_by_adam(
     eps: Term added to the denominator outside the square root, >= 0.
     eps_root: Term added to the second moment inside the square root, >= 0.
     mu_dtype: Optional dtype of the first moment (e.g. ``jnp.bfloat16``).
-    nesterov: None (or False, optax's default), ``"n"`` (Nesterov first
-      moment) or ``"nn"`` (Nesterov first and second moments).
+    nesterov: None or False (optax's default), ``"n"`` or True (Nesterov
+      first moment, optax's ``nesterov=True``) or ``"nn"`` (Nesterov first
+      and second moments).
     bias_correction: Whether to divide the moments by :math:`1-\beta^t`.
     nu_dtype: Optional dtype of the second moment.
 
@@ -201,15 +202,16 @@ def check_arguments(*, b1: Any, b2: Any, eps: Any, eps_root: Any,
 
 
 def nesterov_form(nesterov: Any) -> Optional[str]:
-  """``nesterov`` as None, ``"n"`` or ``"nn"`` (False is optax's None)."""
+  """``nesterov`` as None, ``"n"`` or ``"nn"``: optax's False and True are
+  None and ``"n"`` (the same Nesterov first moment)."""
   if nesterov is None or nesterov is False:
     return None
+  if nesterov is True:
+    return "n"
   if isinstance(nesterov, str) and nesterov in ("n", "nn"):
     return nesterov
-  hint = (" (optax's nesterov=True is 'n': a Nesterov first moment)"
-          if nesterov is True else "")
-  raise ValueError(f"`nesterov` must be one of [None, False, 'n', 'nn'], "
-                   f"got {nesterov!r}{hint}.")
+  raise ValueError(f"`nesterov` must be one of [None, False, True, 'n', "
+                   f"'nn'], got {nesterov!r}.")
 
 
 def adam_transform(*, b1: Any, b2: Any, eps: Any, eps_root: Any,

@@ -106,7 +106,8 @@ def lamb(
     <shared args: weight_decay_mask trust_ratio_mask max_grad_norm>
     <shared args: layer_axes axis_name>
     bias_correction: Whether the moments are bias corrected.
-    nesterov: None, ``"n"`` (N-LAMB) or ``"nn"`` (NN-LAMB).
+    nesterov: None, ``"n"`` (N-LAMB; True means it too, as in
+      :func:`optax.scale_by_adam`) or ``"nn"`` (NN-LAMB).
     param_norm_bounds: Optional ``(lo, hi)`` bounds of :math:`\phi`.
     trust_ratio_bounds: Optional ``(lo, hi)`` bounds of :math:`r`.
     mu_dtype: Optional dtype of the first moment (e.g. ``jnp.bfloat16`` to
