@@ -254,38 +254,51 @@ def kernel_counts(hlo_text: str) -> dict[str, Optional[int]]:
                                    for c in called})}
 
 
-def time_compile(make_opt: Callable[[], optax.GradientTransformation],
-                 shapes: Any, repeats: int) -> dict[str, Any]:
-  """Trace + lower + compile times from scratch (fresh jit, cleared caches),
-  and the :func:`kernel_counts` of the executable."""
+def compile_once(make_opt: Callable[[], optax.GradientTransformation],
+                 params: Any) -> tuple[dict[str, float], Any]:
+  """One trace + lower + compile from scratch (fresh jit, cleared caches):
+  its wall and CPU times, and the executable."""
+  jax.clear_caches()
+  opt = make_opt()
+  state = jax.eval_shape(opt.init, params)
+  jitted = jit_step(make_step(opt))
+  c0 = time.process_time()
+  t0 = time.perf_counter()
+  lowered = jitted.lower(params, state, params)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  return {"total": t2 - t0, "cpu": time.process_time() - c0,
+          "lower": t1 - t0, "xla": t2 - t1}, compiled
+
+
+def time_compile(factories: dict[str, Callable[[], Any]], shapes: Any,
+                 repeats: int) -> dict[str, dict[str, Any]]:
+  """Compile times of every optimizer, the repetitions interleaved (each
+  round compiles every optimizer once, in a rotating order, so that a busy
+  machine slows all alike), and the :func:`kernel_counts` of each
+  executable."""
   params = abstract_params(shapes)
-  lower_s, compile_s, total_s, cpu_s = [], [], [], []
-  compiled = None
-  for _ in range(repeats):
-    jax.clear_caches()
-    opt = make_opt()
-    state = jax.eval_shape(opt.init, params)
-    grads = params
-    jitted = jit_step(make_step(opt))
-    c0 = time.process_time()
-    t0 = time.perf_counter()
-    lowered = jitted.lower(params, state, grads)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    cpu_s.append(time.process_time() - c0)
-    lower_s.append(t1 - t0)
-    compile_s.append(t2 - t1)
-    total_s.append(t2 - t0)
-  return {
-      "median_s": statistics.median(total_s),
-      "cpu_median_s": statistics.median(cpu_s),
-      "trace_lower_median_s": statistics.median(lower_s),
-      "xla_compile_median_s": statistics.median(compile_s),
-      "all_s": total_s,
-      "cpu_all_s": cpu_s,
-      **kernel_counts(compiled.as_text()),
-  }
+  names = list(factories)
+  times: dict[str, dict[str, list[float]]] = {
+      name: {"total": [], "cpu": [], "lower": [], "xla": []}
+      for name in names}
+  counts = {}
+  for rep in range(repeats):
+    for name in names[rep % len(names):] + names[:rep % len(names)]:
+      measured, compiled = compile_once(factories[name], params)
+      for key, value in measured.items():
+        times[name][key].append(value)
+      counts[name] = kernel_counts(compiled.as_text())
+  return {name: {
+      "median_s": statistics.median(times[name]["total"]),
+      "cpu_median_s": statistics.median(times[name]["cpu"]),
+      "trace_lower_median_s": statistics.median(times[name]["lower"]),
+      "xla_compile_median_s": statistics.median(times[name]["xla"]),
+      "all_s": times[name]["total"],
+      "cpu_all_s": times[name]["cpu"],
+      **counts[name],
+  } for name in names}
 
 
 def time_steps(shapes: Any, names: Sequence[str], reps: int, warmup: int,
@@ -554,9 +567,8 @@ def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
   finally:
     OPTIMIZERS.clear()
     OPTIMIZERS.update(saved)
-  compile_times = {name: time_compile(factories[name], compile_shapes,
-                                      args.compile_reps)
-                   for name in names}
+  compile_times = time_compile({name: factories[name] for name in names},
+                               compile_shapes, args.compile_reps)
   base_step = statistics.median(times[baseline])
   base_compile = compile_times[baseline]["median_s"]
   base_cpu = compile_times[baseline]["cpu_median_s"]
