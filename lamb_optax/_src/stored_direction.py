@@ -29,7 +29,8 @@ from lamb_optax._src import prefix
 
 
 class StoredDirectionState(NamedTuple):
-  """The last update that passed through :func:`store_in_state`.
+  """The direction :math:`u` that ``lamb(..., store_direction=True)`` keeps
+  in its state.
 
   Attributes:
     direction: A params-shaped tree: for each stored leaf, LAMB's :math:`u`
