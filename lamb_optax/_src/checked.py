@@ -2,12 +2,14 @@
 once, masks resolved once, extra arguments passed on; and the pieces every
 alias builds from its resolved settings."""
 
+import functools
 from typing import Any, Callable, Optional
 
 import jax
 import optax
 
 from lamb_optax._src import clipping
+from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
 
 
@@ -79,3 +81,12 @@ def decay_mask(specs: Any, weight_decay_mask: Any) -> Any:
 def adapted(specs: Any) -> Any:
   """The resolved trust-ratio mask: a params-shaped tree of bools."""
   return jax.tree.map(lambda spec: spec.adapt, specs)
+
+
+def alias(name: str, build: Callable[[Any], optax.GradientTransformation],
+          **specs_args: Any) -> optax.GradientTransformationExtraArgs:
+  """:func:`checked_alias` whose settings are resolved by
+  :func:`trust_ratio.leaf_specs` with ``specs_args`` (the alias' masks,
+  layer axes and mesh axes)."""
+  return checked_alias(name, functools.partial(trust_ratio.leaf_specs,
+                                               **specs_args), build)

@@ -1,6 +1,5 @@
 r"""LAMB: Adam's direction rescaled per layer by a trust ratio."""
 
-import functools
 from typing import Any, Optional, Union
 
 import optax
@@ -146,11 +145,6 @@ def lamb(
   validation.check_bool("store_direction", store_direction)
   options = trust_ratio.check_arguments(param_norm_bounds=param_norm_bounds,
                                         trust_ratio_bounds=trust_ratio_bounds)
-  specs_fn = functools.partial(
-      trust_ratio.leaf_specs, adapt_mask=trust_ratio_mask,
-      decay_mask=weight_decay_mask, layer_axes=layer_axes,
-      axis_name=axis_name)
-
   def build(specs):
     return optax.chain(
         *checked.clip(max_grad_norm, specs),
@@ -168,4 +162,6 @@ def lamb(
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  return checked.checked_alias("lamb", specs_fn, build)
+  return checked.alias("lamb", build, adapt_mask=trust_ratio_mask,
+                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
+                       axis_name=axis_name)

@@ -1,6 +1,5 @@
 r"""LARS (Algorithm 1 of You et al., 2020): momentum rescaled per layer."""
 
-import functools
 from typing import Optional
 
 import jax
@@ -109,11 +108,6 @@ def lars(
       trust_coefficient=trust_coefficient, eps=eps,
       param_norm_bounds=param_norm_bounds,
       trust_ratio_bounds=trust_ratio_bounds)
-  specs_fn = functools.partial(
-      trust_ratio.leaf_specs, adapt_mask=trust_ratio_mask,
-      decay_mask=weight_decay_mask, layer_axes=layer_axes,
-      axis_name=axis_name)
-
   def build(specs):
     return optax.chain(
         *checked.clip(max_grad_norm, specs),
@@ -125,7 +119,9 @@ def lars(
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  return checked.checked_alias("lars", specs_fn, build)
+  return checked.alias("lars", build, adapt_mask=trust_ratio_mask,
+                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
+                       axis_name=axis_name)
 
 
 def damped_momentum(momentum: float) -> optax.GradientTransformation:

@@ -28,7 +28,6 @@ pytree in every preset, as one tensor is in every peer, or with
 ``layer_axes`` one slice of a leaf that stacks layers.
 """
 
-import functools
 from typing import Any, Callable, Optional, Sequence
 
 import jax.numpy as jnp
@@ -85,14 +84,6 @@ def _bias_correction_factor(b1: Any, b2: Any) -> optax.GradientTransformation:
             / adam_lib.one_minus_power(b1, t))
 
   return optax.scale_by_schedule(factor)
-
-
-def _preset(name: str, build: Callable[[Any], optax.GradientTransformation],
-            **specs_args: Any) -> optax.GradientTransformationExtraArgs:
-  """The alias of a preset: ``specs_args`` are :func:`trust_ratio.leaf_specs`'
-  (its masks, layer axes and mesh axes)."""
-  specs_fn = functools.partial(trust_ratio.leaf_specs, **specs_args)
-  return checked.checked_alias(name, specs_fn, build)
 
 
 @docstrings.with_shared_args
@@ -196,7 +187,7 @@ def nvlamb(
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  return _preset("nvlamb", build, adapt_mask=trust_ratio_mask,
+  return checked.alias("nvlamb", build, adapt_mask=trust_ratio_mask,
                  decay_mask=weight_decay_mask,
                  adapt_only_decayed=not use_nvlamb, layer_axes=layer_axes,
                  axis_name=axis_name)
@@ -292,7 +283,7 @@ def timm(
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  return _preset("timm", build, adapt_mask=trust_ratio_mask,
+  return checked.alias("timm", build, adapt_mask=trust_ratio_mask,
                  decay_mask=weight_decay_mask,
                  adapt_only_decayed=not always_adapt, layer_axes=layer_axes,
                  axis_name=axis_name)
@@ -383,7 +374,7 @@ def torch_optimizer(
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  return _preset("torch_optimizer", build,
+  return checked.alias("torch_optimizer", build,
                  adapt_mask=False if adam else trust_ratio_mask,
                  decay_mask=weight_decay_mask, layer_axes=layer_axes,
                  axis_name=axis_name)
@@ -488,7 +479,7 @@ def deepspeed(
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  return _preset("deepspeed", build, adapt_mask=trust_ratio_mask,
+  return checked.alias("deepspeed", build, adapt_mask=trust_ratio_mask,
                  decay_mask=weight_decay_mask, layer_axes=layer_axes,
                  axis_name=axis_name)
 
@@ -666,6 +657,6 @@ def keras(
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  return _preset("keras", build, adapt_mask=trust_ratio_mask,
+  return checked.alias("keras", build, adapt_mask=trust_ratio_mask,
                  decay_mask=weight_decay_mask, layer_axes=layer_axes,
                  axis_name=axis_name)
