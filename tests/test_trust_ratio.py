@@ -418,3 +418,18 @@ def test_min_norm_equals_optax(min_norm, params, paths):
   if min_norm == 3.0:  # It binds: a zero layer no longer falls back to 1.
     zero = jax.tree.leaves(state.trust_ratios)[paths.index(ZERO_LAYER)]
     assert float(zero) != 1.0
+
+
+def test_eager_steps_compile_nothing_new_after_the_first(caplog):
+  """Op by op (no jit), every primitive is compiled once and reused: the
+  ratio hand-out's reduction must not be traced anew at every step."""
+  params = {"w": jnp.ones((80, 64)), "b": jnp.ones(64), "s": jnp.ones(())}
+  updates = jax.tree.map(lambda x: 0.5 * x, params)
+  tx = lamb_optax.lamb(1e-2, weight_decay=0.1)
+  state = tx.init(params)
+  _, state = tx.update(updates, state, params)  # Compiles what it needs.
+  with jax.log_compiles(True), caplog.at_level("WARNING"):
+    tx.update(updates, state, params)
+  compiled = [r.getMessage() for r in caplog.records
+              if "Compiling" in r.getMessage()]
+  assert not compiled, compiled

@@ -267,8 +267,13 @@ def _unstack(vector: chex.Array) -> tuple[chex.Array, ...]:
   zero = jnp.zeros((), vector.dtype)
   return jax.lax.reduce(
       tuple(jnp.where(iota == j, vector, zero) for j in range(k)),
-      (zero,) * k, lambda acc, x: tuple(a + b for a, b in zip(acc, x)),
-      (0,))
+      (zero,) * k, _add_each, (0,))
+
+
+def _add_each(totals: tuple[chex.Array, ...], values: tuple[chex.Array, ...]
+              ) -> tuple[chex.Array, ...]:
+  # A module-level function, so that JAX caches the traced reduction.
+  return tuple(a + b for a, b in zip(totals, values))
 
 
 def _at(value: Any, count: Optional[chex.Array]) -> Any:
