@@ -16,9 +16,13 @@ Usage (from the repository root)::
 
   python benchmarks/update_step.py                # BERT-base, ~110M params
   python benchmarks/update_step.py --quick        # tiny shapes, seconds
+  python benchmarks/update_step.py --baseline before.json  # before | after
 
 It prints a Markdown table and writes the same data as JSON (``--out``).
-This is a benchmark, not a test.
+Compile times are given as wall time and as the CPU time of the process
+(which a busy machine inflates less). ``--baseline`` adds the ratios of an
+earlier run (its JSON, e.g. of another commit with ``PYTHONPATH`` pointing at
+that checkout) to the table, row by row. This is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -250,34 +254,51 @@ def kernel_counts(hlo_text: str) -> dict[str, Optional[int]]:
                                    for c in called})}
 
 
-def time_compile(make_opt: Callable[[], optax.GradientTransformation],
-                 shapes: Any, repeats: int) -> dict[str, Any]:
-  """Trace + lower + compile times from scratch (fresh jit, cleared caches),
-  and the :func:`kernel_counts` of the executable."""
+def compile_once(make_opt: Callable[[], optax.GradientTransformation],
+                 params: Any) -> tuple[dict[str, float], Any]:
+  """One trace + lower + compile from scratch (fresh jit, cleared caches):
+  its wall and CPU times, and the executable."""
+  jax.clear_caches()
+  opt = make_opt()
+  state = jax.eval_shape(opt.init, params)
+  jitted = jit_step(make_step(opt))
+  c0 = time.process_time()
+  t0 = time.perf_counter()
+  lowered = jitted.lower(params, state, params)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  return {"total": t2 - t0, "cpu": time.process_time() - c0,
+          "lower": t1 - t0, "xla": t2 - t1}, compiled
+
+
+def time_compile(factories: dict[str, Callable[[], Any]], shapes: Any,
+                 repeats: int) -> dict[str, dict[str, Any]]:
+  """Compile times of every optimizer, the repetitions interleaved (each
+  round compiles every optimizer once, in a rotating order, so that a busy
+  machine slows all alike), and the :func:`kernel_counts` of each
+  executable."""
   params = abstract_params(shapes)
-  lower_s, compile_s, total_s = [], [], []
-  compiled = None
-  for _ in range(repeats):
-    jax.clear_caches()
-    opt = make_opt()
-    state = jax.eval_shape(opt.init, params)
-    grads = params
-    jitted = jit_step(make_step(opt))
-    t0 = time.perf_counter()
-    lowered = jitted.lower(params, state, grads)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    lower_s.append(t1 - t0)
-    compile_s.append(t2 - t1)
-    total_s.append(t2 - t0)
-  return {
-      "median_s": statistics.median(total_s),
-      "trace_lower_median_s": statistics.median(lower_s),
-      "xla_compile_median_s": statistics.median(compile_s),
-      "all_s": total_s,
-      **kernel_counts(compiled.as_text()),
-  }
+  names = list(factories)
+  times: dict[str, dict[str, list[float]]] = {
+      name: {"total": [], "cpu": [], "lower": [], "xla": []}
+      for name in names}
+  counts = {}
+  for rep in range(repeats):
+    for name in names[rep % len(names):] + names[:rep % len(names)]:
+      measured, compiled = compile_once(factories[name], params)
+      for key, value in measured.items():
+        times[name][key].append(value)
+      counts[name] = kernel_counts(compiled.as_text())
+  return {name: {
+      "median_s": statistics.median(times[name]["total"]),
+      "cpu_median_s": statistics.median(times[name]["cpu"]),
+      "trace_lower_median_s": statistics.median(times[name]["lower"]),
+      "xla_compile_median_s": statistics.median(times[name]["xla"]),
+      "all_s": times[name]["total"],
+      "cpu_all_s": times[name]["cpu"],
+      **counts[name],
+  } for name in names}
 
 
 def time_steps(shapes: Any, names: Sequence[str], reps: int, warmup: int,
@@ -392,6 +413,7 @@ def environment() -> dict[str, Any]:
       "optax": optax.__version__,
       "lamb_optax": lamb_optax.__version__,
       "lamb_optax_commit": _lamb_optax_commit(),
+      "lamb_optax_path": os.path.dirname(os.path.abspath(lamb_optax.__file__)),
       "python": platform.python_version(),
       "backend": jax.default_backend(),
       "device_kind": device.device_kind,
@@ -411,7 +433,10 @@ def _fmt(value: Optional[float], spec: str) -> str:
   return "n/a" if value is None else format(value, spec)
 
 
-def markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any],
+             baseline: Optional[dict[str, Any]] = None) -> str:
+  """The table of ``result``; with ``baseline`` (an earlier result), its
+  ratios beside each row of the same name."""
   env, cfg = result["environment"], result["config"]
   lines = [
       f"jax {env['jax']} / jaxlib {env['jaxlib']} / optax {env['optax']} / "
@@ -426,20 +451,44 @@ def markdown(result: dict[str, Any]) -> str:
       "stacked into (layers, ...) leaves and compare with AdamW on that "
       "tree.",
       "",
-      "| optimizer | step ms | x adamw | compile s "
-      f"({cfg['compile_layers']} layers) | x adamw | kernels (distinct) "
-      "| bytes accessed / param | temp bytes / param |",
-      "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
+  header = ("| optimizer | step ms | x adamw | compile s "
+            f"({cfg['compile_layers']} layers) | x adamw | compile CPU s | "
+            "x adamw | kernels (distinct) | bytes accessed / param | "
+            "temp bytes / param |")
+  rule = "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+  if baseline is not None:
+    benv = baseline["environment"]
+    lines[-1:-1] = [
+        "Before: the run of lamb_optax "
+        f"{benv['lamb_optax']} ({benv['lamb_optax_commit']}, "
+        f"{benv.get('lamb_optax_path', '')}) of {benv['date']}, same "
+        "configuration; its ratios to its own AdamW.", ""]
+    header += (" before: step x adamw | before: compile x adamw | before: "
+               "compile CPU x adamw | before: kernels (distinct) |")
+    rule += "---:|---:|---:|---:|"
+  lines += [header, rule]
+  before_rows = (baseline or {}).get("optimizers", {})
   for name, row in result["optimizers"].items():
-    lines.append(
+    line = (
         f"| {name} | {row['step_ms_median']:.2f} | "
         f"{row['step_x_adamw']:.2f} | {row['compile_s_median']:.2f} | "
         f"{row['compile_x_adamw']:.2f} | "
+        f"{_fmt(row.get('compile_cpu_s_median'), '.2f')} | "
+        f"{_fmt(row.get('compile_cpu_x_adamw'), '.2f')} | "
         f"{_fmt(row['compile_kernels'], 'd')} "
         f"({_fmt(row['compile_distinct_kernels'], 'd')}) | "
         f"{_fmt(row['bytes_accessed_per_param'], '.1f')} | "
         f"{_fmt(row['temp_size_in_bytes_per_param'], '.2f')} |")
+    if baseline is not None:
+      before = before_rows.get(name, {})
+      line += (
+          f" {_fmt(before.get('step_x_adamw'), '.2f')} | "
+          f"{_fmt(before.get('compile_x_adamw'), '.2f')} | "
+          f"{_fmt(before.get('compile_cpu_x_adamw'), '.2f')} | "
+          f"{_fmt(before.get('compile_kernels'), 'd')} "
+          f"({_fmt(before.get('compile_distinct_kernels'), 'd')}) |")
+    lines.append(line)
   lines += ["", "Minor page faults per step (fresh temporaries touched "
             f"page by page, {env['page_size']} B pages): " + "; ".join(
                 f"{name} {row['minor_page_faults_per_step_median']:,.0f}"
@@ -476,6 +525,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       help="Skip the scanned-tree rows.")
   parser.add_argument("--out", default=DEFAULT_OUT,
                       help=f"JSON output path (default {DEFAULT_OUT}).")
+  parser.add_argument("--baseline", default=None,
+                      help="JSON of an earlier run, whose ratios the table "
+                      "shows beside this run's (before | after).")
   args = parser.parse_args(argv)
   quick = args.quick
 
@@ -515,11 +567,11 @@ def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
   finally:
     OPTIMIZERS.clear()
     OPTIMIZERS.update(saved)
-  compile_times = {name: time_compile(factories[name], compile_shapes,
-                                      args.compile_reps)
-                   for name in names}
+  compile_times = time_compile({name: factories[name] for name in names},
+                               compile_shapes, args.compile_reps)
   base_step = statistics.median(times[baseline])
   base_compile = compile_times[baseline]["median_s"]
+  base_cpu = compile_times[baseline]["cpu_median_s"]
   rows = {}
   for name in names:
     step = statistics.median(times[name])
@@ -535,6 +587,9 @@ def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
         "compile_xla_s_median": compile_times[name]["xla_compile_median_s"],
         "compile_s_all": compile_times[name]["all_s"],
         "compile_x_adamw": compile_times[name]["median_s"] / base_compile,
+        "compile_cpu_s_median": compile_times[name]["cpu_median_s"],
+        "compile_cpu_s_all": compile_times[name]["cpu_all_s"],
+        "compile_cpu_x_adamw": compile_times[name]["cpu_median_s"] / base_cpu,
         "compile_kernels": compile_times[name]["kernels"],
         "compile_distinct_kernels": compile_times[name]["distinct_kernels"],
         **analyses[name],
@@ -586,7 +641,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
       },
       "optimizers": rows,
   }
-  print(markdown(result))
+  baseline = None
+  if args.baseline:
+    with open(args.baseline, encoding="utf-8") as f:
+      baseline = json.load(f)
+  print(markdown(result, baseline))
   write_json(result, args.out)
   return result
 

@@ -19,7 +19,6 @@ from lamb_optax._src.lars import lars
 from lamb_optax._src.sharding import state_shardings
 from lamb_optax._src.state_utils import trust_ratios
 from lamb_optax._src.stored_direction import StoredDirectionState
-from lamb_optax._src.stored_direction import store_in_state
 from lamb_optax._src.trust_ratio import ScaleByTrustRatioState
 from lamb_optax._src.trust_ratio import scale_by_trust_ratio
 
@@ -41,6 +40,5 @@ __all__ = (
     "scale_by_trust_ratio",
     "schedules",
     "state_shardings",
-    "store_in_state",
     "trust_ratios",
 )

@@ -313,27 +313,19 @@ def scenario_pmap(name: str) -> dict:
               spread_across_replicas=spread_across_replicas)
 
 
-def shard_map_state_specs(tx, mesh, specs, stage_axis=None):
-  """The state's specs under shard_map: moments like the params, the rest
-  replicated, except per-layer ratios of a leaf whose layer axis is split."""
+def shard_map_state_specs(tx, mesh, specs):
+  """The state's specs under shard_map, from lamb_optax.state_shardings:
+  moments like the params, per-layer ratios like their layer axis (split
+  over "stage" when the blocks' layer axis is), the rest replicated."""
   params = scenario_params()
   param_sh = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
-  state_specs = jax.tree.map(lambda s: s.spec,
-                             state_shardings(tx, params, param_sh))
-  if stage_axis is not None:
-    def fix(path, spec):
-      keys = [getattr(k, "name", getattr(k, "key", None)) for k in path]
-      if "layer_ratios" in keys and "blocks" in keys:
-        return P(stage_axis)
-      return spec
-    state_specs = jax.tree_util.tree_map_with_path(fix, state_specs)
-  return state_specs
+  return jax.tree.map(lambda s: s.spec, state_shardings(tx, params, param_sh))
 
 
 def run_shard_map(name, mesh, specs, *, axis_name, check_vma=True,
-                  stage_axis=None, max_grad_norm=None) -> list[dict]:
+                  max_grad_norm=None) -> list[dict]:
   tx = make_optimizer(name, axis_name=axis_name, max_grad_norm=max_grad_norm)
-  state_specs = shard_map_state_specs(tx, mesh, specs, stage_axis)
+  state_specs = shard_map_state_specs(tx, mesh, specs)
   step = jax.jit(jax.shard_map(
       train_step(tx), mesh=mesh, in_specs=(specs, state_specs, specs),
       out_specs=(specs, state_specs), check_vma=check_vma))
@@ -384,9 +376,17 @@ def scenario_shard_map(name: str, ref, ref_clipped) -> dict:
   stage_axis_name = lamb_optax.axis_names_from_specs(STAGE_SPECS,
                                                      layer_axes=LAYER_AXES)
   result["stage_axis_name"] = stage_axis_name
+  stage_state_specs = shard_map_state_specs(
+      make_optimizer(name, axis_name=stage_axis_name), stage_mesh,
+      STAGE_SPECS)
+  result["stage_ratio_specs"] = [
+      str(spec) for state in jax.tree.leaves(
+          stage_state_specs, is_leaf=lambda x: isinstance(
+              x, lamb_optax.ScaleByTrustRatioState))
+      if isinstance(state, lamb_optax.ScaleByTrustRatioState)
+      for spec in [state.trust_ratios["blocks"]["kernel"]]]
   sub("stage", lambda: compare(run_shard_map(
-      name, stage_mesh, STAGE_SPECS, axis_name=stage_axis_name,
-      stage_axis="stage"), ref))
+      name, stage_mesh, STAGE_SPECS, axis_name=stage_axis_name), ref))
   if name != "lamb":
     return result
 
@@ -403,7 +403,7 @@ def scenario_shard_map(name: str, ref, ref_clipped) -> dict:
   wrong = lamb_optax.axis_names_from_specs(STAGE_SPECS)
   result["stage_wrong_axis_name"] = wrong
   sub("stage_wrong", lambda: compare(run_shard_map(
-      name, stage_mesh, STAGE_SPECS, axis_name=wrong, stage_axis="stage"), ref))
+      name, stage_mesh, STAGE_SPECS, axis_name=wrong), ref))
   return result
 
 

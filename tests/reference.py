@@ -12,6 +12,8 @@ Conventions shared by both algorithms:
   ``weight_decay``) are Python callables of the 0-based count ``t - 1``, or
   plain numbers.
 * Masks are lists of bools aligned with the layers (None: all True).
+* Complex layers are complex128 arrays; ``|x|`` is the root of the sum of
+  their squared magnitudes, and Adam's ``v`` averages ``|g|^2`` (real).
 * The trust ratio of a layer with parameters ``x`` and direction ``u`` is
   ``coef * phi(|x|) / (|u| + eps)``, ``phi`` the identity or a clip to
   ``param_norm_bounds``; 1 where ``phi(|x|) == 0`` or ``|u| == 0``; then
@@ -57,7 +59,9 @@ def _value(schedule: Schedule, count: int) -> float:
 
 
 def _as_float64(arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
-  return [np.array(a, dtype=np.float64) for a in arrays]
+  """float64 arrays (complex128 for complex ones)."""
+  return [np.array(a, dtype=np.complex128 if np.iscomplexobj(a)
+                   else np.float64) for a in arrays]
 
 
 def _mask(mask: Optional[Sequence[bool]], n: int) -> list[bool]:
@@ -70,8 +74,11 @@ def _mask(mask: Optional[Sequence[bool]], n: int) -> list[bool]:
 
 
 def norm(x: np.ndarray) -> float:
-  """L2 norm of a whole layer, in float64."""
-  return float(np.sqrt(np.sum(np.square(np.asarray(x, np.float64)))))
+  """L2 norm of a whole layer, in float64: the root of the sum of |x|^2
+  (complex layers too)."""
+  x = np.asarray(x)
+  x = x.astype(np.complex128 if np.iscomplexobj(x) else np.float64)
+  return float(np.sqrt(np.sum(np.square(np.abs(x)))))
 
 
 def clip(value: float, bounds: Optional[tuple[float, float]]) -> float:
@@ -85,12 +92,16 @@ def trust_ratio(
     param_norm: float,
     update_norm: float,
     *,
+    min_norm: float = 0.0,
     trust_coefficient: float = 1.0,
     eps: float = 0.0,
     param_norm_bounds: Optional[tuple[float, float]] = None,
     trust_ratio_bounds: Optional[tuple[float, float]] = None,
 ) -> tuple[float, float]:
-  """Returns ``(ratio, ratio_before_trust_ratio_bounds)``."""
+  """Returns ``(ratio, ratio_before_trust_ratio_bounds)``. ``min_norm`` is a
+  floor of both norms (optax's)."""
+  param_norm, update_norm = max(param_norm, min_norm), max(update_norm,
+                                                           min_norm)
   phi = clip(param_norm, param_norm_bounds)
   if phi == 0.0 or update_norm == 0.0:
     raw = 1.0
@@ -133,7 +144,7 @@ def adam_direction(
   else:
     m_hat = b1 * m / c1_next + (1.0 - b1) * g / c1
   if nesterov == "nn":
-    v_hat = b2 * v / c2_next + (1.0 - b2) * np.square(g) / c2
+    v_hat = b2 * v / c2_next + (1.0 - b2) * np.square(np.abs(g)) / c2
   else:
     v_hat = v / c2
   return m_hat / (np.sqrt(v_hat + eps_root) + eps)
@@ -151,8 +162,8 @@ def adam(
 ) -> list[tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]]:
   """Adam directions alone: per step ``(directions, mu, nu)``."""
   n = len(grads_seq[0])
-  mu = [np.zeros_like(np.asarray(g, np.float64)) for g in grads_seq[0]]
-  nu = [np.zeros_like(m) for m in mu]
+  mu = [np.zeros_like(g) for g in _as_float64(grads_seq[0])]
+  nu = [np.zeros(m.shape) for m in mu]  # Real: an average of |g|^2.
   out = []
   for t, grads in enumerate(grads_seq, start=1):
     grads = _as_float64(grads)
@@ -160,7 +171,7 @@ def adam(
     for i in range(n):
       g = grads[i]
       mu[i] = b1 * mu[i] + (1.0 - b1) * g
-      nu[i] = b2 * nu[i] + (1.0 - b2) * np.square(g)
+      nu[i] = b2 * nu[i] + (1.0 - b2) * np.square(np.abs(g))
       dirs.append(adam_direction(
           mu[i], nu[i], g, t, b1=b1, b2=b2, eps=eps, eps_root=eps_root,
           bias_correction=bias_correction, nesterov=nesterov))
@@ -196,8 +207,8 @@ def lamb(
   decay_mask = _mask(weight_decay_mask, n)
   adapt_mask = _mask(trust_ratio_mask, n)
   mu = [np.zeros_like(p) for p in x]
-  nu = [np.zeros_like(p) for p in x]
-  mu_abs = [np.zeros_like(p) for p in x]
+  nu = [np.zeros(p.shape) for p in x]  # Real: an average of |g|^2.
+  mu_abs = [np.zeros(p.shape) for p in x]
   steps = []
   for t, grads in enumerate(grads_seq, start=1):
     count = t - 1
@@ -212,7 +223,7 @@ def lamb(
     for i in range(n):
       g = grads[i]
       mu[i] = b1 * mu[i] + (1.0 - b1) * g
-      nu[i] = b2 * nu[i] + (1.0 - b2) * np.square(g)
+      nu[i] = b2 * nu[i] + (1.0 - b2) * np.square(np.abs(g))
       mu_abs[i] = b1 * mu_abs[i] + (1.0 - b1) * np.abs(g)
       hyper = dict(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                    bias_correction=bias_correction, nesterov=nesterov)
@@ -270,7 +281,7 @@ def lars(
   decay_mask = _mask(weight_decay_mask, n)
   adapt_mask = _mask(trust_ratio_mask, n)
   mom = [np.zeros_like(p) for p in x]
-  mom_abs = [np.zeros_like(p) for p in x]
+  mom_abs = [np.zeros(p.shape) for p in x]
   steps = []
   for t, grads in enumerate(grads_seq, start=1):
     count = t - 1

@@ -40,11 +40,12 @@ def _run(tx, params, grads_seq):
 def test_matches_reference(case, params, grads_seq, grads64):
   kwargs = CASES[case]
   got = _run(lamb_optax.scale_by_adam(**kwargs), params, grads_seq)
-  hyper = dict(b1=0.9, b2=0.999, eps=1e-6, eps_root=0.0,
+  # The defaults are optax.scale_by_adam's (eps=1e-8).
+  hyper = dict(b1=0.9, b2=0.999, eps=1e-8, eps_root=0.0,
                bias_correction=True, nesterov=None)
   hyper.update(kwargs)
   want = reference.adam(grads64, **hyper)
-  plain = reference.adam(grads64)
+  plain = reference.adam(grads64, eps=1e-8)
   changed = False
   for t, ((updates, state), (dirs, mu, nu), (plain_dirs, _, _)) in enumerate(
       zip(got, want, plain), start=1):
@@ -99,8 +100,8 @@ def test_bias_correction_is_float32_accurate():
 
 
 def test_plain_equals_optax_scale_by_adam(params, grads_seq):
-  # optax's default eps is 1e-8, LAMB's (and lamb_optax's) 1e-6: pass it.
-  for kwargs in ({"eps": 1e-6}, {"eps": 1e-8},
+  # Both default to eps=1e-8 (LAMB's 1e-6 is lamb_optax.lamb's default).
+  for kwargs in ({}, {"eps": 1e-6}, {"eps": 1e-8},
                  {"eps_root": 1e-8, "b1": 0.8, "b2": 0.99, "eps": 1e-4}):
     ours = _run(lamb_optax.scale_by_adam(**kwargs), params, grads_seq)
     theirs = _run(optax.scale_by_adam(**kwargs), params, grads_seq)
@@ -115,8 +116,10 @@ def test_plain_equals_optax_scale_by_adam(params, grads_seq):
                                    atol=1e-30)
 
 
-def test_nesterov_n_equals_optax_nesterov(params, grads_seq):
-  ours = _run(lamb_optax.scale_by_adam(nesterov="n"), params, grads_seq)
+@pytest.mark.parametrize("nesterov", ["n", True])
+def test_nesterov_n_equals_optax_nesterov(nesterov, params, grads_seq):
+  ours = _run(lamb_optax.scale_by_adam(eps=1e-6, nesterov=nesterov), params,
+              grads_seq)
   theirs = _run(optax.scale_by_adam(eps=1e-6, nesterov=True), params,
                 grads_seq)
   plain = _run(optax.scale_by_adam(eps=1e-6), params, grads_seq)
@@ -166,7 +169,7 @@ def test_low_precision_gradients_use_float32_arithmetic():
                         grads_seq[0])
   # mu/nu in float32 (params are float32), grads bf16.
   ours = _run(lamb_optax.scale_by_adam(), params, grads_seq)
-  want = reference.adam([to_numpy64(g) for g in grads_seq])
+  want = reference.adam([to_numpy64(g) for g in grads_seq], eps=1e-8)
   for (u, _), (dirs, _, _) in zip(ours, want):
     for got, ref in zip(jax.tree.leaves(u), dirs):
       assert got.dtype == jnp.bfloat16
@@ -183,7 +186,7 @@ def test_moment_dtypes(mu_dtype, nu_dtype):
   state = tx.init(params)
   want_mu = mu_dtype or jnp.float32
   want_nu = nu_dtype or jnp.float32
-  ref = reference.adam([to_numpy64(g) for g in make_grads(3)])
+  ref = reference.adam([to_numpy64(g) for g in make_grads(3)], eps=1e-8)
   for grads, (dirs, mu_ref, _) in zip(make_grads(3), ref):
     u, state = tx.update(jax.tree.map(jnp.asarray, grads), state)
     assert all(m.dtype == want_mu for m in jax.tree.leaves(state.mu))

@@ -260,6 +260,8 @@ def test_hand_composition_equals_lamb(config):
   lr = optax.exponential_decay(3e-2, 1, 0.7) if "schedules" in config else 3e-2
   adam_kw = {k: kw.pop(k) for k in ("b1", "b2", "eps", "eps_root", "nesterov",
                                     "bias_correction", "mu_dtype") if k in kw}
+  adam_kw.setdefault("eps", 1e-6)  # lamb's (the paper's); scale_by_adam's is
+  # optax's 1e-8.
   weight_decay = kw.pop("weight_decay", 0.0)
   weight_decay_mask = kw.pop("weight_decay_mask", None)
   trust_ratio_mask = kw.pop("trust_ratio_mask", None)

@@ -9,6 +9,7 @@ clipping actually bind), so that an implementation ignoring it would fail.
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import jax
@@ -605,14 +606,12 @@ def test_store_direction_errors_name_the_argument():
     lamb_optax.lamb(1e-3, store_direction="yes")
 
 
-def test_fused_is_a_deprecated_alias_of_store_direction():
-  with pytest.warns(DeprecationWarning, match="store_direction"):
-    fused = lamb_optax.lamb(1e-3, fused=True)
-  params = {"w": jnp.ones((3, 3))}
-  assert (jax.tree.structure(fused.init(params)) == jax.tree.structure(
-      lamb_optax.lamb(1e-3, store_direction=True).init(params)))
+def test_fused_is_gone():
+  """The first release has no `fused=` (an alias of store_direction in the
+  development versions): a call that passes it is refused by name."""
   with pytest.raises(TypeError, match="fused"):
-    lamb_optax.lamb(1e-3, fused="yes")
+    lamb_optax.lamb(1e-3, fused=True)
+  assert "fused" not in inspect.signature(lamb_optax.lamb).parameters
 
 
 @pytest.mark.parametrize("backend", ["cpu", "gpu", "tpu"])
@@ -670,9 +669,10 @@ def test_store_direction_keeps_updates_of_bf16_params_exactly(grad_dtype):
                                    np.asarray(y, np.float32), rtol=2 ** -6)
 
 
-def test_store_in_state_refuses_updates_wider_than_its_buffer():
+def test_store_direction_refuses_updates_wider_than_its_buffer():
   with jax.enable_x64(True):
-    tx = lamb_optax.store_in_state()
-    state = tx.init({"layer": {"w": jnp.ones(3, jnp.float32)}})
+    tx = lamb_optax.lamb(1e-3, store_direction=True)
+    params = {"layer": {"w": jnp.ones(3, jnp.float32)}}
+    state = tx.init(params)
     with pytest.raises(TypeError, match=r"'layer/w' is float64.*rounded"):
-      tx.update({"layer": {"w": jnp.ones(3, jnp.float64)}}, state)
+      tx.update({"layer": {"w": jnp.ones(3, jnp.float64)}}, state, params)

@@ -219,21 +219,24 @@ DEFAULTS = {
                  trust_clip=False, always_adapt=False, bias_correction=True),
     "torch_optimizer": dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-6,
                             weight_decay=0.0, weight_decay_mask=None,
-                            clamp_value=10.0, debias=False, adam=False),
+                            max_grad_norm=None, clamp_value=10.0,
+                            debias=False, adam=False),
     "deepspeed": dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-8,
                       weight_decay=0.0, weight_decay_mask=None,
                       bias_correction=True, max_grad_norm=None,
                       max_coeff=10.0, min_coeff=0.01, eps_inside_sqrt=False),
     "tensorflow": dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-6,
-                       weight_decay=0.0, exclude_from_weight_decay=None,
+                       weight_decay=0.0, weight_decay_mask=None,
+                       max_grad_norm=None, exclude_from_weight_decay=None,
                        exclude_from_layer_adaptation=None),
     "keras": dict(learning_rate=1e-3, b1=0.9, b2=0.999, eps=1e-7,
                   weight_decay=None, weight_decay_mask=None,
                   max_grad_norm=None),
 }
-# Every preset also takes lamb_optax.lamb's layer_axes and axis_name.
+# Every preset also takes the shared vocabulary of lamb_optax.lamb: the
+# trust-ratio mask (None: the peer's rule), layer_axes and axis_name.
 for _defaults in DEFAULTS.values():
-  _defaults.update(layer_axes=None, axis_name=None)
+  _defaults.update(trust_ratio_mask=None, layer_axes=None, axis_name=None)
 
 
 @pytest.mark.parametrize("peer", list(PEERS))
@@ -393,8 +396,8 @@ def test_update_needs_params(peer, params, grads_seq):
 
 def test_public_face():
   assert set(presets.__all__) == {
-      "PeerTrustRatioState", "deepspeed", "keras", "nvlamb", "tensorflow",
-      "timm", "torch_optimizer"}
+      "ScheduledTrustRatioState", "deepspeed", "keras", "nvlamb",
+      "tensorflow", "timm", "torch_optimizer"}
   for name in presets.__all__:
     assert getattr(presets, name).__doc__
 
@@ -532,3 +535,148 @@ def test_bad_layer_axes_and_axis_name_name_the_argument(peer,
   opt = PEERS[peer][0](**kwargs, axis_name="model")
   with pytest.raises(ValueError, match="`axis_name`.*not bound"):
     opt.update(g, opt.init(p), p)
+
+
+# --------------------------------------------------------------------------
+# One vocabulary for every preset.
+# --------------------------------------------------------------------------
+
+ALL_FACTORIES = {"lamb": lamb_optax.lamb, "lars": lamb_optax.lars,
+                 **{peer: factory for peer, (factory, _) in PEERS.items()}}
+
+
+def _first_step(opt, params, grads):
+  params = jax.tree.map(jnp.asarray, params)
+  updates, state = opt.update(jax.tree.map(jnp.asarray, grads),
+                              opt.init(params), params)
+  return updates, lamb_optax.trust_ratios(state)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_FACTORIES))
+def test_plain_name_to_factory_mapping_takes_one_call(name, params,
+                                                      grads_seq):
+  """The BERT example's table: every optimizer called the same way."""
+  opt = ALL_FACTORIES[name](
+      LR, weight_decay=WD, weight_decay_mask=no_bias_or_norm,
+      trust_ratio_mask=no_bias_or_norm, max_grad_norm=MAX_GRAD_NORM,
+      layer_axes=None, axis_name=None)
+  assert isinstance(opt, optax.GradientTransformationExtraArgs)
+  updates, ratios = _first_step(opt, params, grads_seq[0])
+  # Extra keyword arguments of update are accepted and change nothing.
+  again, _ = opt.update(jax.tree.map(jnp.asarray, grads_seq[0]),
+                        opt.init(jax.tree.map(jnp.asarray, params)),
+                        jax.tree.map(jnp.asarray, params), value=1.0)
+  for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(again)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # BERT's masks: no ratio on the biases and the norm scale.
+  for path, ratio in zip(leaf_paths(params), jax.tree.leaves(ratios)):
+    if path.endswith(("bias", "scale")):
+      assert float(ratio) == 1.0, (name, path)
+
+
+@pytest.mark.parametrize("peer", list(PEERS))
+def test_trust_ratio_mask_takes_leaves_out_of_the_ratio(peer, params,
+                                                        grads_seq):
+  """A leaf outside trust_ratio_mask gets r = 1 and its update divided by
+  the ratio it had (Keras: the part of it the ratio scales, not the
+  decoupled decay -lr wd x); the other leaves are untouched (a layer's
+  update depends on its own gradient only: no clip here)."""
+  kwargs = dict(learning_rate=LR, weight_decay=WD, max_grad_norm=None)
+  if peer == "tensorflow":
+    del kwargs["max_grad_norm"]
+    kwargs["weight_decay_mask"] = None
+  out = "dense/kernel"
+  mask = lambda p: jax.tree_util.tree_map_with_path(
+      lambda path, _: jax.tree_util.keystr(path, simple=True,
+                                           separator="/") != out, p)
+  factory = PEERS[peer][0]
+  plain, plain_ratios = _first_step(factory(**kwargs), params, grads_seq[0])
+  masked, masked_ratios = _first_step(factory(**kwargs, trust_ratio_mask=mask),
+                                      params, grads_seq[0])
+  paths = leaf_paths(params)
+  for path, a, b, ra, rb in zip(
+      paths, jax.tree.leaves(plain), jax.tree.leaves(masked),
+      jax.tree.leaves(plain_ratios), jax.tree.leaves(masked_ratios)):
+    if path == out:
+      assert float(rb) == 1.0 and float(ra) != 1.0
+      decay = 0.0
+      if peer == "keras":
+        decay = -LR * WD * np.asarray(params["dense"]["kernel"], np.float64)
+      np.testing.assert_allclose((np.asarray(b) - decay) * float(ra),
+                                 np.asarray(a) - decay, rtol=1e-5)
+    else:
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      assert float(ra) == float(rb)
+
+
+@pytest.mark.parametrize("peer", ["tensorflow", "torch_optimizer"])
+def test_max_grad_norm_is_a_global_clip_in_front(peer, params, grads_seq):
+  """Where the peer has no clip of its own, max_grad_norm is
+  optax.clip_by_global_norm in front of the preset."""
+  factory = PEERS[peer][0]
+  clipped = factory(**LW, max_grad_norm=MAX_GRAD_NORM)
+  by_hand = optax.chain(optax.clip_by_global_norm(MAX_GRAD_NORM),
+                        factory(**LW))
+  got, _, _ = run_optimizer(clipped, params, grads_seq[:4])
+  want, _, _ = run_optimizer(by_hand, params, grads_seq[:4])
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+  unclipped, _, _ = run_optimizer(factory(**LW), params, grads_seq[:4])
+  assert not all(np.allclose(a, b) for a, b in zip(
+      jax.tree.leaves(got), jax.tree.leaves(unclipped)))
+
+
+def test_tensorflow_masks_and_regexes():
+  """TF's regex lists are its way of giving the masks: the same numbers,
+  the layer-adaptation mask defaults to the weight-decay one, and giving a
+  list and a mask for the same thing is refused."""
+  params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)},
+            "norm": {"scale": jnp.full(2, 2.0)}}
+  grads = jax.tree.map(lambda x: 0.1 * jnp.arange(x.size).reshape(x.shape)
+                       - 0.2, params)
+  mask = lamb_optax.masks.exclude_paths(TF_WD)
+  by_regex = presets.tensorflow(**LW, exclude_from_weight_decay=TF_WD)
+  by_mask = presets.tensorflow(**LW, weight_decay_mask=mask)
+  both = presets.tensorflow(**LW, weight_decay_mask=mask,
+                            trust_ratio_mask=mask)
+  results = [_first_step(tx, params, grads) for tx in (by_regex, by_mask,
+                                                       both)]
+  for updates, ratios in results[1:]:
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(
+        (updates, ratios))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert float(results[0][1]["dense"]["bias"]) == 1.0
+  assert float(results[0][1]["dense"]["kernel"]) != 1.0
+  with pytest.raises(ValueError, match="`exclude_from_weight_decay`.*"
+                     "`weight_decay_mask`"):
+    presets.tensorflow(exclude_from_weight_decay=TF_WD,
+                       weight_decay_mask=mask)
+  with pytest.raises(ValueError, match="`exclude_from_layer_adaptation`.*"
+                     "`trust_ratio_mask`"):
+    presets.tensorflow(exclude_from_layer_adaptation=TF_WD,
+                       trust_ratio_mask=mask)
+
+
+@pytest.mark.parametrize("peer, kwargs", [
+    ("nvlamb", {"weight_decay": wd_schedule}),
+    ("timm", {"weight_decay": wd_schedule}),
+    ("keras", {"learning_rate": lr_schedule, "weight_decay": WD}),
+    ("keras", {"weight_decay": wd_schedule}),
+])
+def test_a_count_is_kept_only_when_a_schedule_needs_one(peer, kwargs, params):
+  """As optax.add_decayed_weights: a scheduled rule of the ratio keeps a
+  count (ScheduledTrustRatioState), a constant one does not."""
+  p = jax.tree.map(jnp.asarray, params)
+  is_trust = lambda x: isinstance(x, (lamb_optax.ScaleByTrustRatioState,
+                                      presets.ScheduledTrustRatioState))
+
+  def trust_state(opt):
+    (state,) = [s for s in jax.tree.leaves(opt.init(p), is_leaf=is_trust)
+                if is_trust(s)]
+    return state
+
+  scheduled = trust_state(PEERS[peer][0](**kwargs))
+  assert isinstance(scheduled, presets.ScheduledTrustRatioState)
+  assert scheduled.count.dtype == jnp.int32
+  constant = trust_state(PEERS[peer][0](learning_rate=LR, weight_decay=WD))
+  assert isinstance(constant, lamb_optax.ScaleByTrustRatioState)

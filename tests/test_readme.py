@@ -51,3 +51,14 @@ def test_start_here_has_exactly_two_commands_and_ci_runs_the_second():
   config = dict(f.lstrip("-").split("=", 1) for f in flags)["config"]
   assert config == "examples/bert/configs/default.py"
   assert (ROOT / config).is_file()
+
+
+def test_the_quickstarts_are_the_size_the_readme_says():
+  text = " ".join(_section("Start here").split())
+  claimed_example = int(re.search(r"`configs/`: about (\d+) lines", text)[1])
+  example = ROOT / "examples" / "quickstart"
+  lines = sum(len(p.read_text().splitlines()) for p in example.rglob("*.py"))
+  assert abs(lines - claimed_example) <= 0.1 * claimed_example, lines
+  claimed_block = int(re.search(r"\(#quickstart\) below: (\d+) lines", text)[1])
+  (block,) = re.findall(r"```python\n(.*?)```", _section("Quickstart"), re.S)
+  assert len(block.splitlines()) == claimed_block

@@ -175,6 +175,8 @@ def test_shard_map_layer_axis_split_over_stage(measured, name):
   r = result(measured, f"shard_map/{name}")
   assert r["stage_axis_name"]["blocks"]["kernel"] == ["model"]
   assert r["stage_axis_name"]["embed"]["table"] == ["stage", "model"]
+  # state_shardings splits the blocks' per-layer ratios over "stage" too.
+  assert r["stage_ratio_specs"] == [str(P("stage"))]
   assert_matches_single_device(r["stage"], f"shard_map stage/{name}")
 
 
@@ -273,17 +275,32 @@ def test_state_shardings_places_moments_like_params():
   assert adam_sh.mu == param_sh and adam_sh.nu == param_sh
   replicated = NamedSharding(mesh, P())
   assert adam_sh.count == replicated
-  # Per-layer ratios (shape (3,)), the ratio vector and the slots:
-  # replicated.
+  # The ratios: params-shaped, of the layer axes' shape (3,) for the stack
+  # and scalars: replicated (a scalar parameter's own sharding is P() too).
   trust_sh = shardings[3]
-  assert trust_sh.ratios == replicated
-  assert trust_sh.layer_ratios == {"stack": replicated, "w": None,
-                                   "s": None}
-  assert trust_sh.slots == {"stack": None, "w": replicated, "s": replicated}
+  assert trust_sh == lamb_optax.ScaleByTrustRatioState(
+      trust_ratios={"stack": replicated, "w": replicated, "s": replicated})
   # Used as out_shardings of the jitted init, on real arrays.
   real = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
   state = jax.jit(tx.init, out_shardings=shardings)(real)
   assert state[1].mu["stack"].sharding == param_sh["stack"]
+
+
+def test_state_shardings_places_per_layer_ratios_like_their_layer_axes():
+  """A stacked leaf's ratios, shaped like its layer axes, get the param's
+  sharding of those axes (a layer axis split over a mesh axis splits its
+  ratios too); a shape that several choices of axes match, sharded
+  differently, is replicated rather than guessed."""
+  mesh = one_device_mesh()
+  params = {"stack": jax.ShapeDtypeStruct((3, 4, 2), jnp.float32),
+            "square": jax.ShapeDtypeStruct((4, 4, 2), jnp.float32)}
+  param_sh = {"stack": NamedSharding(mesh, P("data", None)),
+              "square": NamedSharding(mesh, P("data", None))}
+  tx = lamb_optax.lamb(1e-3, layer_axes=0)
+  trust_sh = state_shardings(tx, params, param_sh)[2]
+  assert trust_sh.trust_ratios["stack"] == NamedSharding(mesh, P("data"))
+  # (4,) is axis 0 ("data") or axis 1 (unsplit) of (4, 4, 2): replicated.
+  assert trust_sh.trust_ratios["square"] == NamedSharding(mesh, P())
 
 
 def test_state_shardings_with_masked_state_and_single_leaf():
@@ -302,8 +319,7 @@ def test_state_shardings_with_masked_state_and_single_leaf():
   shardings = state_shardings(tx, jnp.ones((4, 3)), sharding)
   assert shardings[1].ema == sharding
   assert shardings[1].count == NamedSharding(mesh, P())
-  assert shardings[2].ratios == NamedSharding(mesh, P())
-  assert shardings[2].slots == NamedSharding(mesh, P())
+  assert shardings[2].trust_ratios == NamedSharding(mesh, P())
 
 
 def test_state_shardings_zero_axis_on_one_device_mesh():

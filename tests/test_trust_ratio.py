@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import lamb_optax
@@ -27,6 +31,7 @@ def _updates_like(params, seed=2):
 CASES = {
     "defaults": {},
     "trust_coefficient_and_eps": {"trust_coefficient": 0.02, "eps": 0.3},
+    "min_norm": {"min_norm": 0.5},
     "param_norm_bounds": {"param_norm_bounds": (0.5, 8.0)},
     "trust_ratio_bounds": {"trust_ratio_bounds": (0.1, 5.0)},
     "both_bounds": {"param_norm_bounds": (0.5, 8.0),
@@ -243,11 +248,12 @@ def test_zero_layer_fixture_gets_ratio_one(params, paths):
 
 
 # --------------------------------------------------------------------------
-# The engine's layout: small leaves reduced together by shape, every ratio of
-# a one-layer leaf in one vector op, each step reading it through its slot.
+# The layout: small leaves reduced together in chunks, each chunk's ratios in
+# one vector op, every leaf's step reading its ratio as a buffer of its own.
 # --------------------------------------------------------------------------
 
 SMALL = trust_ratio_src.SMALL_LEAF_SIZE
+CHUNK = trust_ratio_src.CHUNK_SIZE
 
 
 def _grouping_tree():
@@ -302,11 +308,13 @@ def _count(jaxpr, primitive: str) -> int:
   return sum(eqn.primitive.name == primitive for eqn in jaxpr_equations(jaxpr))
 
 
-@pytest.mark.parametrize("copies", [1, 20])
-def test_every_ratio_is_one_vector_op_and_small_norms_one_reduction_per_shape(
+@pytest.mark.parametrize("copies", [1, 20, CHUNK + 1])
+def test_ratios_are_one_vector_op_per_chunk_and_small_norms_one_reduction(
     copies):
-  """However many leaves: one division (the ratio formula, on a vector) and
-  one reduction of x and of u per small-leaf shape and per large leaf."""
+  """However many leaves: one division (the ratio formula, on a vector) per
+  chunk of at most CHUNK_SIZE leaves; one reduction of x and one of u per
+  large leaf, and one of the x's and u's together per chunk of small leaves
+  of one shape."""
   rng = np.random.default_rng(0)
   params = {}
   for i in range(copies):
@@ -318,41 +326,51 @@ def test_every_ratio_is_one_vector_op_and_small_norms_one_reduction_per_shape(
   tx = lamb_optax.scale_by_trust_ratio()
   jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
   assert 96 * 96 > SMALL >= 3072 and 70 * 64 > SMALL
+  chunks = lambda n: -(-n // CHUNK)
   big = 1 + copies  # embed and every kernel, each reduced on its own.
-  groups = 2  # All the (768,) leaves together, all the (3072,) leaves.
-  assert _count(jaxpr, "div") == 1
-  assert _count(jaxpr, "sqrt") == 2
-  assert _count(jaxpr, "reduce_sum") == 2 * (groups + big)
+  small_chunks = 2 * chunks(copies)  # The (768,) leaves, the (3072,) ones.
+  assert _count(jaxpr, "div") == small_chunks + chunks(big)
+  assert _count(jaxpr, "sqrt") == 2 * (small_chunks + chunks(big))
+  assert _count(jaxpr, "reduce_sum") == 2 * big + small_chunks
 
 
-def test_the_step_reads_its_ratio_through_the_state_slot():
-  """The slot in the state is what each leaf's step reads: exchange two
-  slots and the two leaves exchange ratios (so the index is live state, not
-  a constant folded into the step)."""
-  params = {"a": jnp.full((3,), 2.0), "b": jnp.full((3,), 8.0),
-            "c": jnp.full((2, 2), 1.0)}
-  updates = jax.tree.map(jnp.ones_like, params)
-  tx = lamb_optax.scale_by_trust_ratio()
-  state = tx.init(params)
-  assert [int(s) for s in jax.tree.leaves(state.slots)] == [0, 1, 2]
-  assert state.ratios.shape == (3,) and state.ratios.dtype == jnp.float32
-  step = jax.jit(tx.update)
-  scaled, _ = step(updates, state, params)
-  np.testing.assert_allclose(np.asarray(scaled["a"]), 2.0 * np.ones(3))
-  np.testing.assert_allclose(np.asarray(scaled["b"]), 8.0 * np.ones(3))
-  swapped = state._replace(slots={"a": state.slots["b"],
-                                  "b": state.slots["a"],
-                                  "c": state.slots["c"]})
-  scaled, new_state = step(updates, swapped, params)
-  np.testing.assert_allclose(np.asarray(scaled["a"]), 8.0 * np.ones(3))
-  np.testing.assert_allclose(np.asarray(scaled["b"]), 2.0 * np.ones(3))
-  np.testing.assert_allclose(np.asarray(scaled["c"]), np.ones((2, 2)))
+def _kernel_counts():
+  """benchmarks/update_step.py's count of an executable's kernels."""
+  spec = importlib.util.spec_from_file_location(
+      "benchmarks_update_step",
+      pathlib.Path(__file__).resolve().parents[1] / "benchmarks" /
+      "update_step.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.kernel_counts
 
 
-def test_state_layout():
-  """ratios: one float32 per one-layer leaf; slots: int32 scalars for those
-  leaves (None for stacked ones); layer_ratios: a per-leaf array of the
-  layer axes' shape for stacked leaves (None for the others)."""
+def test_leaves_of_one_shape_share_their_step_kernels():
+  """What the layout is for (docs/performance.md, "Compile time"): XLA:CPU
+  compiles each distinct kernel once, so the distinct kernels of the
+  compiled step must not grow with the number of leaves of one shape (each
+  leaf reads its ratio as a buffer of its own, not through a constant
+  offset), while the kernels do."""
+  kernel_counts = _kernel_counts()
+
+  def counts(copies):
+    params = {f"layer_{i:02d}": {
+        "bias": jax.ShapeDtypeStruct((64,), jnp.float32),
+        "kernel": jax.ShapeDtypeStruct((80, 64), jnp.float32)}
+              for i in range(copies)}
+    tx = lamb_optax.scale_by_trust_ratio()
+    state = jax.eval_shape(tx.init, params)
+    compiled = jax.jit(tx.update).lower(params, state, params).compile()
+    return kernel_counts(compiled.as_text())
+
+  few, many = counts(CHUNK), counts(4 * CHUNK)
+  assert many["kernels"] > 3 * few["kernels"]
+  assert many["distinct_kernels"] == few["distinct_kernels"]
+
+
+def test_state_is_params_shaped_float32_ratios():
+  """trust_ratios: a float32 scalar per leaf, or the layer axes' shape for
+  a stacked leaf; 1 outside the mask; nothing else."""
   params = {"stack": jnp.ones((3, 4, 2)), "w": jnp.ones((4, 2)),
             "s": jnp.ones(())}
   tx = lamb_optax.scale_by_trust_ratio(layer_axes={"stack": 0, "w": None,
@@ -360,13 +378,58 @@ def test_state_layout():
                                        mask={"stack": True, "w": False,
                                              "s": True})
   state = tx.init(params)
-  assert state.ratios.shape == (2,)
-  assert state.slots["stack"] is None and state.layer_ratios["w"] is None
-  assert state.slots["w"].dtype == jnp.int32 and state.slots["w"].shape == ()
-  assert state.layer_ratios["stack"].shape == (3,)
+  assert type(state) is lamb_optax.ScaleByTrustRatioState
+  assert state._fields == ("trust_ratios",)
+  assert jax.tree.structure(state.trust_ratios) == jax.tree.structure(params)
+  assert jax.tree.map(lambda r: (r.shape, r.dtype), state.trust_ratios) == {
+      "stack": ((3,), jnp.float32), "w": ((), jnp.float32),
+      "s": ((), jnp.float32)}
   updates = jax.tree.map(lambda x: 0.5 * x, params)
   _, state = tx.update(updates, state, params)
   ratios = lamb_optax.trust_ratios(state)
-  assert jax.tree.structure(ratios) == jax.tree.structure(params)
+  assert ratios is state.trust_ratios
   np.testing.assert_allclose(np.asarray(ratios["stack"]), 2.0 * np.ones(3))
   assert float(ratios["w"]) == 1.0 and float(ratios["s"]) == 2.0
+
+
+# --------------------------------------------------------------------------
+# optax's min_norm.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("min_norm", [0.0, 0.05, 3.0])
+def test_min_norm_equals_optax(min_norm, params, paths):
+  """optax.scale_by_trust_ratio's positional arguments mean the same here:
+  both norms raised to min_norm (so a zero layer gets min_norm / |u|)."""
+  updates = _updates_like(params)
+  ours = lamb_optax.scale_by_trust_ratio(min_norm, 0.7, 1e-3)
+  theirs = optax.scale_by_trust_ratio(min_norm, 0.7, 1e-3)
+  got, state = ours.update(updates, ours.init(params), params)
+  want, _ = theirs.update(updates, theirs.init(params), params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6,
+                               atol=1e-30)
+  for r, x, u in zip(jax.tree.leaves(state.trust_ratios),
+                     to_numpy64(params), to_numpy64(updates)):
+    want_r, _ = reference.trust_ratio(reference.norm(x), reference.norm(u),
+                                      min_norm=min_norm,
+                                      trust_coefficient=0.7, eps=1e-3)
+    np.testing.assert_allclose(float(r), want_r, rtol=1e-6)
+  if min_norm == 3.0:  # It binds: a zero layer no longer falls back to 1.
+    zero = jax.tree.leaves(state.trust_ratios)[paths.index(ZERO_LAYER)]
+    assert float(zero) != 1.0
+
+
+def test_eager_steps_compile_nothing_new_after_the_first(caplog):
+  """Op by op (no jit), every primitive is compiled once and reused: the
+  ratio hand-out's reduction must not be traced anew at every step."""
+  params = {"w": jnp.ones((80, 64)), "b": jnp.ones(64), "s": jnp.ones(())}
+  updates = jax.tree.map(lambda x: 0.5 * x, params)
+  tx = lamb_optax.lamb(1e-2, weight_decay=0.1)
+  state = tx.init(params)
+  _, state = tx.update(updates, state, params)  # Compiles what it needs.
+  with jax.log_compiles(True), caplog.at_level("WARNING"):
+    tx.update(updates, state, params)
+  compiled = [r.getMessage() for r in caplog.records
+              if "Compiling" in r.getMessage()]
+  assert not compiled, compiled

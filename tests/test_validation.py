@@ -133,7 +133,7 @@ def test_bounds_not_a_sequence_of_numbers_rejected(factory, name, bounds):
     factory(**{name: bounds})
 
 
-@pytest.mark.parametrize("value", ["N", "nesterov", "", "nnn", True, 1])
+@pytest.mark.parametrize("value", ["N", "nesterov", "", "nnn", 1, 0])
 @pytest.mark.parametrize("factory", [ADAM, LAMB], ids=["scale_by_adam", "lamb"])
 def test_unknown_nesterov_rejected(factory, value):
   with pytest.raises(ValueError, match=_named("nesterov")):
@@ -264,7 +264,7 @@ def test_max_grad_norm_inf_accepted_and_changes_nothing():
     np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
-@pytest.mark.parametrize("nesterov", [None, "n", "nn"])
+@pytest.mark.parametrize("nesterov", [None, "n", "nn", False, True])
 def test_valid_nesterov_accepted(nesterov):
   tx = lamb_optax.lamb(0.1, nesterov=nesterov)
   updates, _ = tx.update(_grads(), tx.init(_params()), _params())
@@ -634,3 +634,61 @@ def test_complex_gradient_for_float_param_names_the_leaf():
   grads["scale"] = jnp.asarray(1.0 + 0.5j, jnp.complex64)
   with pytest.raises(TypeError, match=r"`updates` leaf 'scale'"):
     opt.update(grads, state, params)
+
+
+# --------------------------------------------------------------------------
+# An alias checks its inputs once and resolves each mask once.
+# --------------------------------------------------------------------------
+
+
+ALIASES = {
+    "lamb": lambda wd, tr: lamb_optax.lamb(
+        0.1, weight_decay=0.1, weight_decay_mask=wd, trust_ratio_mask=tr,
+        max_grad_norm=1.0),
+    "lamb_store_direction": lambda wd, tr: lamb_optax.lamb(
+        0.1, weight_decay=0.1, weight_decay_mask=wd, trust_ratio_mask=tr,
+        store_direction=True),
+    "lars": lambda wd, tr: lamb_optax.lars(
+        0.1, weight_decay=0.1, weight_decay_mask=wd, trust_ratio_mask=tr),
+    "nvlamb": lambda wd, tr: lamb_optax.presets.nvlamb(
+        0.1, weight_decay_mask=wd, trust_ratio_mask=tr),
+    "keras": lambda wd, tr: lamb_optax.presets.keras(
+        0.1, weight_decay=0.1, weight_decay_mask=wd, trust_ratio_mask=tr),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("name", sorted(ALIASES))
+def test_alias_checks_inputs_once_and_resolves_each_mask_once(
+    name, jit, monkeypatch):
+  from lamb_optax._src import validation  # pylint: disable=g-import-not-at-top
+  checks, calls = [], {"weight_decay_mask": 0, "trust_ratio_mask": 0}
+  check = validation.check_updates_match_params
+  monkeypatch.setattr(validation, "check_updates_match_params",
+                      lambda *a, **k: checks.append(1) or check(*a, **k))
+
+  def mask(role):
+    def fn(params):
+      calls[role] += 1
+      return jax.tree.map(lambda x: np.ndim(x) > 0, params)
+    return fn
+
+  tx = ALIASES[name](mask("weight_decay_mask"), mask("trust_ratio_mask"))
+  params = _params()
+  state = tx.init(params)
+  assert calls == {"weight_decay_mask": 1, "trust_ratio_mask": 1}
+  update = jax.jit(tx.update) if jit else tx.update
+  update(_grads(), state, params)
+  assert len(checks) == 1, checks
+  assert calls == {"weight_decay_mask": 2, "trust_ratio_mask": 2}
+
+
+@pytest.mark.parametrize("name", ["scale_by_adam", "scale_by_trust_ratio"])
+def test_building_blocks_used_alone_still_check_their_inputs(name):
+  tx = {"scale_by_adam": lamb_optax.scale_by_adam,
+        "scale_by_trust_ratio": lamb_optax.scale_by_trust_ratio}[name]()
+  state = tx.init(_params())
+  grads = _grads()
+  grads["dense"]["kernel"] = grads["dense"]["kernel"].T
+  with pytest.raises(ValueError, match=r"`updates` leaf 'dense/kernel'"):
+    tx.update(grads, state, _params())

@@ -13,20 +13,15 @@ verdict rule are in README.md.
 """
 
 import os
-import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+import study
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# `import study` etc. when run as a script from anywhere; the repository root
-# last, so that an installed lamb_optax still wins over the checkout.
-sys.path.insert(0, _HERE)
-sys.path.append(os.path.dirname(os.path.dirname(_HERE)))
-
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import study  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for the study's outputs.")

@@ -6,8 +6,8 @@
   ``lamb_optax.schedules.mixed_batch``.
 * ``lamb_optax.lamb`` with BERT's exclusions: no weight decay and no trust
   ratio on biases and LayerNorm parameters
-  (``lamb_optax.masks.exclude_bias_and_norm``); ``OPTIMIZERS`` lists every
-  optimizer ``config.optimizer`` names and the arguments it is given. With
+  (``lamb_optax.masks.exclude_bias_and_norm``); ``OPTIMIZERS`` maps every
+  name ``config.optimizer`` accepts to its factory, all called one way. With
   ``scan_layers`` the encoder's layers are one stacked array per tensor, and
   LAMB is given the stacked axis (``layer_axes``) so that it keeps one trust
   ratio per layer.
@@ -168,99 +168,72 @@ def learning_rate_schedule(phases: Sequence[Phase]) -> optax.Schedule:
 
 
 # ----------------------------------------------------------------------------
-# Optimizers: what each name of `config.optimizer` is given.
-
-# TF BERT's exclude_from_weight_decay ("LayerNorm", "layer_norm", "bias") in
-# this model's parameter names, for the "tensorflow" preset.
-BERT_EXCLUDE_PATTERNS = ("bias", "norm")
+# Optimizers: every name `config.optimizer` accepts, called one way.
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimizerEntry:
-  """How the config becomes one optimizer's arguments.
+def adamw(learning_rate: optax.ScalarOrSchedule, *, weight_decay: float,
+          weight_decay_mask: Any = None, trust_ratio_mask: Any = None,
+          max_grad_norm: Optional[float] = None,
+          layer_axes: Any = None) -> optax.GradientTransformation:
+  """``optax.adamw`` with BERT's betas and eps, in the others' vocabulary.
 
-  Every optimizer is called as ``factory(schedule, weight_decay=
-  config.weight_decay, **fixed, ...)`` with BERT's exclusions (no weight decay
-  and, where there is one, no trust ratio on biases and LayerNorm
-  parameters) given the way that optimizer takes them.
-
-  Attributes:
-    factory: The optimizer.
-    mask_args: Arguments given ``lamb_optax.masks.exclude_bias_and_norm()``.
-    pattern_args: Arguments given ``BERT_EXCLUDE_PATTERNS`` (name patterns,
-      TensorFlow's way).
-    clips: Takes ``max_grad_norm``: given ``config.max_grad_norm`` when that
-      is non-zero; when it is 0 the factory's own default stands (a preset
-      keeps its library's clipping).
-    trust_ratios: Has trust ratios: given ``layer_axes`` for a scanned stack
-      (one ratio per layer).
-    fixed: Constant arguments.
+  AdamW has no trust ratio: ``trust_ratio_mask`` and ``layer_axes`` have
+  nothing to act on.
   """
-  factory: Callable[..., optax.GradientTransformation]
-  mask_args: tuple[str, ...] = ()
-  pattern_args: tuple[str, ...] = ()
-  clips: bool = False
-  trust_ratios: bool = True
-  fixed: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  del trust_ratio_mask, layer_axes
+  tx = optax.adamw(learning_rate, b1=0.9, b2=0.999, eps=1e-6,
+                   weight_decay=weight_decay, mask=weight_decay_mask)
+  if max_grad_norm is None:
+    return tx
+  return optax.chain(optax.clip_by_global_norm(max_grad_norm), tx)
 
 
-_DECAY_AND_RATIO_MASKS = ("weight_decay_mask", "trust_ratio_mask")
-_DECAY_MASK = ("weight_decay_mask",)
-_TF_PATTERNS = ("exclude_from_weight_decay", "exclude_from_layer_adaptation")
-_presets = lamb_optax.presets
-
-# Every name `config.optimizer` accepts.
-OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "lamb": OptimizerEntry(lamb_optax.lamb, mask_args=_DECAY_AND_RATIO_MASKS,
-                           clips=True),
-    "lars": OptimizerEntry(lamb_optax.lars, mask_args=_DECAY_AND_RATIO_MASKS),
-    "adamw": OptimizerEntry(optax.adamw, mask_args=("mask",),
-                            trust_ratios=False,
-                            fixed=dict(b1=0.9, b2=0.999, eps=1e-6)),
-    # lamb_optax.presets: other libraries' LAMB numerics.
-    "nvlamb": OptimizerEntry(_presets.nvlamb, mask_args=_DECAY_MASK,
-                             clips=True),
-    "timm": OptimizerEntry(_presets.timm, mask_args=_DECAY_MASK, clips=True),
-    "torch_optimizer": OptimizerEntry(_presets.torch_optimizer,
-                                      mask_args=_DECAY_MASK),
-    "deepspeed": OptimizerEntry(_presets.deepspeed, mask_args=_DECAY_MASK,
-                                clips=True),
-    "tensorflow": OptimizerEntry(_presets.tensorflow,
-                                 pattern_args=_TF_PATTERNS),
-    "keras": OptimizerEntry(_presets.keras, mask_args=_DECAY_MASK,
-                            clips=True),
+# name -> factory. Every factory takes lamb_optax's one vocabulary (the
+# schedule, then weight_decay, weight_decay_mask, trust_ratio_mask,
+# max_grad_norm and layer_axes); a preset keeps its library's LAMB numerics.
+OPTIMIZERS: dict[str, Callable[..., optax.GradientTransformation]] = {
+    "lamb": lamb_optax.lamb,
+    "lars": lamb_optax.lars,
+    "adamw": adamw,
+    "nvlamb": lamb_optax.presets.nvlamb,
+    "timm": lamb_optax.presets.timm,
+    "torch_optimizer": lamb_optax.presets.torch_optimizer,
+    "deepspeed": lamb_optax.presets.deepspeed,
+    "tensorflow": lamb_optax.presets.tensorflow,
+    "keras": lamb_optax.presets.keras,
 }
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule,
                    layer_axes: Any = None) -> optax.GradientTransformation:
-  """``config.optimizer`` with its ``OPTIMIZERS`` arguments.
+  """``OPTIMIZERS[config.optimizer]`` with BERT's exclusions.
+
+  No weight decay and no trust ratio on biases and LayerNorm parameters
+  (``lamb_optax.masks.exclude_bias_and_norm``); ``config.max_grad_norm``
+  when it is not 0 (at 0 each factory's default stands: ``nvlamb`` and
+  ``timm`` clip at 1.0, as their libraries do).
 
   Args:
     config: The configuration (``optimizer``, ``weight_decay``,
       ``max_grad_norm``).
     schedule: The learning rate schedule.
-    layer_axes: For a scanned stack (``lamb_optax.layer_axes_from_metadata``):
-      passed to every optimizer with trust ratios, so each layer of the stack
-      keeps its own ratio; ignored by AdamW.
+    layer_axes: For a scanned stack (``lamb_optax.layer_axes_from_metadata``),
+      so that each layer of the stack keeps its own trust ratio.
 
   Returns:
     A :class:`optax.GradientTransformation` object.
   """
-  entry = OPTIMIZERS.get(config.optimizer)
-  if entry is None:
+  factory = OPTIMIZERS.get(config.optimizer)
+  if factory is None:
     raise ValueError(
         f"`config.optimizer` must be one of {', '.join(OPTIMIZERS)}, got "
         f"{config.optimizer!r}.")
   bert_mask = lamb_optax.masks.exclude_bias_and_norm()
-  kwargs = dict(entry.fixed, weight_decay=config.weight_decay)
-  kwargs.update({arg: bert_mask for arg in entry.mask_args})
-  kwargs.update({arg: BERT_EXCLUDE_PATTERNS for arg in entry.pattern_args})
-  if entry.clips and config.max_grad_norm:
+  kwargs = dict(weight_decay=config.weight_decay, weight_decay_mask=bert_mask,
+                trust_ratio_mask=bert_mask, layer_axes=layer_axes)
+  if config.max_grad_norm:
     kwargs["max_grad_norm"] = config.max_grad_norm
-  if entry.trust_ratios and layer_axes is not None:
-    kwargs["layer_axes"] = layer_axes
-  return entry.factory(schedule, **kwargs)
+  return factory(schedule, **kwargs)
 
 
 def model_config(config: ml_collections.ConfigDict) -> models.BertConfig:

@@ -9,18 +9,10 @@ Run from the repository root (about a minute on a 2-core CPU, offline):
 
 import argparse
 import dataclasses
-import os
-import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# `import train` etc. when run as a script from anywhere; the repository root
-# last, so that an installed lamb_optax still wins over the checkout.
-sys.path.insert(0, _HERE)
-sys.path.append(os.path.dirname(os.path.dirname(_HERE)))
-
-import train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import default as default_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from configs import test as test_config  # pylint: disable=g-import-not-at-top,wrong-import-position
+import train
+from configs import default as default_config
+from configs import test as test_config
 
 CONFIGS = {"default": default_config.get_config,
            "test": test_config.get_config}

@@ -16,7 +16,6 @@ gradients are averaged before one optimizer step):
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -25,6 +24,7 @@ import numpy as np
 import optax
 
 from lamb_optax._src import prefix
+from lamb_optax._src import validation
 
 
 ShouldSkipUpdateFn = Callable[[Any, jax.Array, Any], tuple[jax.Array, Any]]
@@ -34,16 +34,9 @@ def _check_every_k(every_k_schedule: Any) -> Callable[[jax.Array], Any]:
   """Returns ``every_k_schedule`` as a function of the gradient step."""
   if callable(every_k_schedule):
     return every_k_schedule
-  if isinstance(every_k_schedule, (bool, np.bool_)) or not isinstance(
-      every_k_schedule, numbers.Integral):
-    raise TypeError(
-        "`every_k_schedule` must be an int >= 1 or a schedule (a callable of "
-        f"the gradient step), got {type(every_k_schedule).__name__} "
-        f"{every_k_schedule!r}.")
-  if every_k_schedule < 1:
-    raise ValueError(
-        f"`every_k_schedule` must be >= 1, got {every_k_schedule!r}.")
-  k = int(every_k_schedule)
+  k = validation.check_int(
+      "every_k_schedule", every_k_schedule, 1,
+      expected="an int >= 1 or a schedule (a callable of the gradient step)")
   return lambda step: k
 
 
@@ -143,18 +136,13 @@ def multi_steps(
   """
   inner = _check_inner(inner)
   every_k = _check_every_k(every_k_schedule)
-  if not isinstance(use_grad_mean, bool):
-    raise TypeError(f"`use_grad_mean` must be a bool, got {use_grad_mean!r}.")
-  if should_skip_update_fn is not None and not callable(should_skip_update_fn):
-    raise TypeError(
-        "`should_skip_update_fn` must be None or a callable (updates, "
-        f"gradient_step, params) -> (bool, skip_state), got "
-        f"{should_skip_update_fn!r}.")
+  validation.check_bool("use_grad_mean", use_grad_mean)
+  validation.check_optional_callable(
+      "should_skip_update_fn", should_skip_update_fn,
+      "(updates, gradient_step, params) -> (bool, skip_state)")
   skip_fn = should_skip_update_fn or _no_skip
-  accumulator_dtype = jnp.dtype(accumulator_dtype)
-  if not jnp.issubdtype(accumulator_dtype, jnp.floating):
-    raise TypeError(
-        f"`accumulator_dtype` must be a floating dtype, got {accumulator_dtype}.")
+  accumulator_dtype = validation.check_float_dtype("accumulator_dtype",
+                                                   accumulator_dtype)
 
   def accumulate(grad, acc, mini_step):
     if use_grad_mean:
@@ -239,19 +227,6 @@ def multi_steps(
         skip_state=skip_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _check_num_micro_batches(num_micro_batches: Any) -> int:
-  if isinstance(num_micro_batches, (bool, np.bool_)) or not isinstance(
-      num_micro_batches, numbers.Integral):
-    raise TypeError(
-        "`num_micro_batches` must be a Python int >= 1 (it fixes the shapes "
-        f"of the micro-batches), got {type(num_micro_batches).__name__} "
-        f"{num_micro_batches!r}.")
-  if num_micro_batches < 1:
-    raise ValueError(
-        f"`num_micro_batches` must be >= 1, got {num_micro_batches!r}.")
-  return int(num_micro_batches)
 
 
 def _check_batch(batch: Any, num_micro_batches: int) -> int:
@@ -358,16 +333,14 @@ def accumulate_gradients(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  num_micro_batches = _check_num_micro_batches(num_micro_batches)
-  accumulation_dtype = jnp.dtype(accumulation_dtype)
-  if not jnp.issubdtype(accumulation_dtype, jnp.floating):
-    raise TypeError(
-        f"`accumulation_dtype` must be a floating dtype, got "
-        f"{accumulation_dtype}.")
-  if micro_batch_weight_fn is not None and not callable(micro_batch_weight_fn):
-    raise TypeError(
-        "`micro_batch_weight_fn` must be None or a callable micro_batch -> "
-        f"weight, got {micro_batch_weight_fn!r}.")
+  num_micro_batches = validation.check_int(
+      "num_micro_batches", num_micro_batches, 1,
+      expected="a Python int >= 1 (it fixes the shapes of the micro-batches)")
+  accumulation_dtype = validation.check_float_dtype("accumulation_dtype",
+                                                    accumulation_dtype)
+  validation.check_optional_callable("micro_batch_weight_fn",
+                                     micro_batch_weight_fn,
+                                     "micro_batch -> weight")
   batch_size = _check_batch(batch, num_micro_batches)
   if num_micro_batches == 1:
     return value_and_grad_fn(params, batch)

@@ -1,9 +1,7 @@
-r"""Adam moments and direction for LAMB, with the variants LAMB users rely on."""
-
-from __future__ import annotations
+r"""Adam moments and direction for LAMB, with the variants LAMB users use."""
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Union
 
 import chex
 import jax
@@ -31,7 +29,8 @@ def one_minus_power(base: Any, count: chex.Array) -> chex.Array:
       return jnp.ones([], jnp.float32)
     return -jnp.expm1(t * jnp.float32(math.log(base)))
   base = jnp.asarray(base, jnp.float32)
-  return jnp.where(base > 0, -jnp.expm1(t * jnp.log(jnp.where(base > 0, base, 1.0))), 1.0)
+  log_base = jnp.log(jnp.where(base > 0, base, 1.0))
+  return jnp.where(base > 0, -jnp.expm1(t * log_base), 1.0)
 
 
 class AdamScalars(NamedTuple):
@@ -59,11 +58,14 @@ def adam_scalars(count: chex.Array, b1: Any, b2: Any,
 
 
 def moments(g, mu, nu, b1, b2):
-  """New moments ``(m, v)`` in the compute dtype of ``g``."""
+  r"""New moments ``(m, v)``: :math:`m` in the compute dtype of ``g``,
+  :math:`v` (an average of :math:`|g|^2`) in its real dtype."""
   cdt = numerics.compute_dtype(g.dtype)
   g = g.astype(cdt)
   m = b1 * mu.astype(cdt) + (1.0 - b1) * g
-  v = b2 * nu.astype(cdt) + (1.0 - b2) * jnp.square(g)
+  nu = nu.real if jnp.iscomplexobj(nu) else nu  # optax keeps nu complex.
+  v = (b2 * nu.astype(numerics.real_dtype(g.dtype))
+       + (1.0 - b2) * numerics.abs_sq(g))
   return m, v
 
 
@@ -77,7 +79,7 @@ def direction(m, v, g, sc: AdamScalars, *, b1, b2, eps, eps_root,
   else:
     m_hat = b1 * m / sc.c1_next + (1.0 - b1) * g / sc.c1
   if nesterov == "nn":
-    v_hat = b2 * v / sc.c2_next + (1.0 - b2) * jnp.square(g) / sc.c2
+    v_hat = b2 * v / sc.c2_next + (1.0 - b2) * numerics.abs_sq(g) / sc.c2
   else:
     v_hat = v / sc.c2
   if not (isinstance(eps_root, (int, float)) and eps_root == 0):
@@ -88,12 +90,12 @@ def direction(m, v, g, sc: AdamScalars, *, b1, b2, eps, eps_root,
 def scale_by_adam(
     b1: float = 0.9,
     b2: float = 0.999,
-    eps: float = 1e-6,
+    eps: float = 1e-8,
     eps_root: float = 0.0,
-    *,
-    bias_correction: bool = True,
-    nesterov: Optional[str] = None,
     mu_dtype: Optional[Any] = None,
+    *,
+    nesterov: Optional[Union[str, bool]] = None,
+    bias_correction: bool = True,
     nu_dtype: Optional[Any] = None,
 ) -> optax.GradientTransformation:
   r"""Rescales updates by Adam's moments: the direction :math:`u` of LAMB.
@@ -103,7 +105,7 @@ def scale_by_adam(
   .. math::
 
     m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
-    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) |g_t|^2,
 
   and the returned direction is
 
@@ -116,8 +118,8 @@ def scale_by_adam(
   (1-\beta_2^t)`; with ``bias_correction=False``, :math:`\hat m_t = m_t` and
   :math:`\hat v_t = v_t` (the raw moments of torch-optimizer and DeepSpeed).
 
-  ``nesterov="n"`` (N-LAMB, Appendix of You et al.) uses a Nesterov first
-  moment, as NAdam:
+  ``nesterov="n"`` (N-LAMB, Appendix of You et al.), or ``True`` as in
+  optax, uses a Nesterov first moment, as NAdam:
 
   .. math::
 
@@ -129,25 +131,33 @@ def scale_by_adam(
   .. math::
 
     \hat v_t = \frac{\beta_2 v_t}{1-\beta_2^{t+1}}
-      + \frac{(1-\beta_2) g_t^2}{1-\beta_2^t}.
+      + \frac{(1-\beta_2) |g_t|^2}{1-\beta_2^t}.
 
   Without bias correction the denominators of these two forms are 1.
 
   ``eps`` sits outside the square root (as in the paper and Adam);
-  ``eps_root`` inside it. Arithmetic runs in at least float32 whatever the
-  gradient dtype, the moments are stored in ``mu_dtype``/``nu_dtype`` (default:
-  the parameter dtype, as optax) and the direction comes back in the
-  gradient's dtype.
+  ``eps_root`` inside it. The positional arguments and their defaults are
+  :func:`optax.scale_by_adam`'s (``eps=1e-8``; :func:`lamb_optax.lamb`
+  passes the paper's 1e-6), and with the defaults this computes what optax
+  computes, with a more accurate :math:`1-\beta^t` (see
+  :func:`one_minus_power`). Arithmetic runs in at least float32 whatever the
+  gradient dtype, the moments are stored in ``mu_dtype``/``nu_dtype``
+  (default: the parameter dtype, as optax) and the direction comes back in
+  the gradient's dtype. Complex gradients work as in optax: :math:`m` is
+  complex, :math:`v` averages :math:`|g|^2` in the real dtype (float32 for
+  complex64) and is stored in ``nu_dtype`` (the complex parameter dtype by
+  default, as optax stores it).
 
   Args:
     b1: Decay rate of the first moment, in [0, 1).
     b2: Decay rate of the second moment, in [0, 1).
     eps: Term added to the denominator outside the square root, >= 0.
     eps_root: Term added to the second moment inside the square root, >= 0.
-    bias_correction: Whether to divide the moments by :math:`1-\beta^t`.
-    nesterov: None, ``"n"`` (Nesterov first moment) or ``"nn"`` (Nesterov
-      first and second moments).
     mu_dtype: Optional dtype of the first moment (e.g. ``jnp.bfloat16``).
+    nesterov: None or False (optax's default), ``"n"`` or True (Nesterov
+      first moment, optax's ``nesterov=True``) or ``"nn"`` (Nesterov first
+      and second moments).
+    bias_correction: Whether to divide the moments by :math:`1-\beta^t`.
     nu_dtype: Optional dtype of the second moment.
 
   Returns:
@@ -173,17 +183,49 @@ def scale_by_adam(
     Dozat, `Incorporating Nesterov Momentum into Adam
     <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
   """
+  check_arguments(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                  bias_correction=bias_correction)
+  return adam_transform(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                        mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                        nesterov=nesterov_form(nesterov),
+                        bias_correction=bias_correction, check_inputs=True)
+
+
+def check_arguments(*, b1: Any, b2: Any, eps: Any, eps_root: Any,
+                    bias_correction: Any) -> None:
+  """The argument checks of every function that takes Adam's arguments."""
   validation.check_unit_interval("b1", b1)
   validation.check_unit_interval("b2", b2)
   validation.check_non_negative("eps", eps)
   validation.check_non_negative("eps_root", eps_root)
-  validation.check_choice("nesterov", nesterov, (None, "n", "nn"))
   validation.check_bool("bias_correction", bias_correction)
+
+
+def nesterov_form(nesterov: Any) -> Optional[str]:
+  """``nesterov`` as None, ``"n"`` or ``"nn"``: optax's False and True are
+  None and ``"n"`` (the same Nesterov first moment)."""
+  if nesterov is None or nesterov is False:
+    return None
+  if nesterov is True:
+    return "n"
+  if isinstance(nesterov, str) and nesterov in ("n", "nn"):
+    return nesterov
+  raise ValueError(f"`nesterov` must be one of [None, False, True, 'n', "
+                   f"'nn'], got {nesterov!r}.")
+
+
+def adam_transform(*, b1: Any, b2: Any, eps: Any, eps_root: Any,
+                   mu_dtype: Any, nu_dtype: Any, nesterov: Optional[str],
+                   bias_correction: bool,
+                   check_inputs: bool) -> optax.GradientTransformation:
+  """:func:`scale_by_adam` with checked arguments; ``check_inputs=False``
+  when an alias has checked the updates at its boundary."""
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
 
   def init_fn(params):
-    validation.check_float_leaves(params, "params")
+    if check_inputs:
+      validation.check_params(params)
     return ScaleByAdamState(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params),
@@ -192,10 +234,11 @@ def scale_by_adam(
 
   def update_fn(updates, state, params=None):
     del params
-    validation.check_float_leaves(updates, "updates")
-    validation.check_same_structure(state.mu, updates, "updates",
-                                    "the params given to init")
-    validation.check_updates_match_params(updates, state.mu)
+    if check_inputs:
+      validation.check_inexact_leaves(updates, "updates")
+      validation.check_same_structure(state.mu, updates, "updates",
+                                      "the params given to init")
+      validation.check_updates_match_params(updates, state.mu)
     count = optax.safe_int32_increment(state.count)
     sc = adam_scalars(count, b1, b2, bias_correction)
 

@@ -1,47 +1,40 @@
-r"""LAMB: Adam's direction rescaled per layer by a trust ratio.
+r"""LAMB: Adam's direction rescaled per layer by a trust ratio."""
 
-`lamb` is an optax chain of small transforms; `lamb(..., store_direction=True)`
-adds one that keeps the direction in the state (see `stored_direction`).
-"""
-
-from __future__ import annotations
-
-from typing import Any, Optional
-import warnings
+from typing import Any, Optional, Union
 
 import optax
 
 from lamb_optax._src import adam
-from lamb_optax._src import clipping
+from lamb_optax._src import checked
+from lamb_optax._src import docstrings
 from lamb_optax._src import layers
 from lamb_optax._src import stored_direction
 from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
-from lamb_optax._src.checked import checked_chain
 
 
+@docstrings.with_shared_args
 def lamb(
     learning_rate: optax.ScalarOrSchedule,
     b1: float = 0.9,
     b2: float = 0.999,
     eps: float = 1e-6,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    *,
     eps_root: float = 0.0,
-    bias_correction: bool = True,
-    nesterov: Optional[str] = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
     weight_decay_mask: validation.MaskArg = None,
+    *,
     trust_ratio_mask: validation.MaskArg = None,
-    param_norm_bounds: Optional[tuple[float, float]] = None,
-    trust_ratio_bounds: Optional[tuple[float, float]] = None,
     max_grad_norm: Optional[float] = None,
-    mu_dtype: Optional[Any] = None,
-    nu_dtype: Optional[Any] = None,
     layer_axes: layers.LayerAxesArg = None,
     axis_name: layers.AxisNameArg = None,
+    bias_correction: bool = True,
+    nesterov: Optional[Union[str, bool]] = None,
+    param_norm_bounds: Optional[tuple[float, float]] = None,
+    trust_ratio_bounds: Optional[tuple[float, float]] = None,
+    mu_dtype: Optional[Any] = None,
+    nu_dtype: Optional[Any] = None,
     store_direction: bool = False,
-    fused: Optional[bool] = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""The LAMB optimizer (Algorithm 2 of You et al., 2020).
 
   A *layer* is one leaf of the parameter pytree (or one slice of a stacked
@@ -64,80 +57,67 @@ def lamb(
   NN-LAMB ``nesterov`` forms), :math:`\lambda` the ``weight_decay`` (inside
   the norm, as in the paper), :math:`\phi` the identity or a clip to
   ``param_norm_bounds``, :math:`r_t = 1` where :math:`\phi(\|x\|)=0` or
-  :math:`\|u\|=0`, then :math:`r_t` clipped to ``trust_ratio_bounds``. Layers
-  outside ``weight_decay_mask`` get no decay; layers outside
+  :math:`\|u\|=0`, then :math:`r_t` clipped to ``trust_ratio_bounds``. The
+  sole :math:`\epsilon` sits outside the square root (``eps_root`` inside
+  it). Layers outside ``weight_decay_mask`` get no decay; layers outside
   ``trust_ratio_mask`` get :math:`r_t = 1` (a plain Adam(+decay) step). For
   BERT's convention (no decay and no ratio on biases and LayerNorm) pass
-  :func:`lamb_optax.masks.exclude_bias_and_norm` to both masks.
+  :func:`lamb_optax.masks.exclude_bias_and_norm` to both masks. Complex
+  parameters work as in optax: the norms are those of :math:`|x|` and
+  :math:`|u|`.
 
-  It is exactly::
+  It is::
 
     optax.chain(
         optax.clip_by_global_norm(max_grad_norm),   # only if set
         lamb_optax.scale_by_adam(b1, b2, eps, eps_root, ...),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
-        lamb_optax.store_in_state(trust_ratio_mask),  # if store_direction
         lamb_optax.scale_by_trust_ratio(mask=trust_ratio_mask, ...),
         optax.scale_by_learning_rate(learning_rate),
     )
 
-  and with the defaults it computes what :func:`optax.lamb` computes (with a
-  more accurate :math:`1-\beta^t`, see :func:`lamb_optax.scale_by_adam`).
+  with the inputs checked once and the masks resolved once per call. The
+  positional arguments are :func:`optax.lamb`'s (its ``mask`` is
+  ``weight_decay_mask`` here), with its defaults, which are the paper's;
+  the rest are keyword-only. With the defaults it computes what
+  :func:`optax.lamb` computes (with a more accurate :math:`1-\beta^t`, see
+  :func:`lamb_optax.scale_by_adam`), and like it ``update`` accepts extra
+  keyword arguments.
 
-  ``store_direction=True`` is the fast path on CPU: the chain gains
-  ``lamb_optax.store_in_state(trust_ratio_mask)`` between the decay and the
-  ratio, which keeps :math:`u_t` in a params-shaped buffer of the optimizer
-  state (a :class:`lamb_optax.StoredDirectionState`). In a jitted step that
-  donates the state, XLA writes :math:`u_t` there in place instead of into
-  a fresh parameter-sized temporary, whose page faults are most of the
-  default's step time on CPU (on BERT-base, 1.7x AdamW's step instead of
-  2.6x; see docs/performance.md). The updates are the same numbers either
-  way, and :math:`\|x_{t+1}-x_t\| = \eta_t\,r_t\|u_t\|` holds by
-  construction in both (:math:`u_t` is computed once). The cost is memory:
-  one more params-shaped array of state for the leaves in
-  ``trust_ratio_mask`` (4 bytes per parameter, in float32 for float32 and
-  bfloat16 params alike; 438 MB on BERT-base), held between steps, where
-  the default's temporary lives only during the step. The state layout
-  depends on this argument only, never on the backend: a checkpoint
-  restores on any backend into an optimizer built with the same
-  ``store_direction``.
+  ``store_direction=True`` is the fast path on CPU: :math:`u_t` is kept in a
+  params-shaped buffer of the optimizer state (a
+  :class:`lamb_optax.StoredDirectionState`) instead of a temporary of the
+  step, which makes a jitted step that donates the state about 1.5x faster
+  on CPU (docs/performance.md says why, and what it measured). The updates
+  are the same numbers either way. The cost is memory: one more
+  params-shaped array of state for the leaves in ``trust_ratio_mask`` (4
+  bytes per parameter, in float32 for float32 and bfloat16 params alike;
+  438 MB on BERT-base), held between steps. The state's layout depends on
+  this argument only, never on the backend.
 
   Args:
     learning_rate: :math:`\eta_t`, a scalar or an optax schedule.
     b1: Decay rate of the first moment, in [0, 1).
     b2: Decay rate of the second moment, in [0, 1).
     eps: Added to the denominator outside the square root, >= 0.
-    weight_decay: :math:`\lambda` >= 0, a scalar or a schedule.
     eps_root: Added to the second moment inside the square root, >= 0.
+    weight_decay: :math:`\lambda` >= 0, a scalar or a schedule.
+    <shared args: weight_decay_mask trust_ratio_mask max_grad_norm>
+    <shared args: layer_axes axis_name>
     bias_correction: Whether the moments are bias corrected.
-    nesterov: None, ``"n"`` (N-LAMB) or ``"nn"`` (NN-LAMB).
-    weight_decay_mask: Bool pytree (or prefix, or callable) selecting the
-      leaves that get weight decay; None decays all.
-    trust_ratio_mask: Bool pytree (or prefix, or callable) selecting the
-      leaves that get the trust ratio; None adapts all.
+    nesterov: None, ``"n"`` (N-LAMB; True means it too, as in
+      :func:`optax.scale_by_adam`) or ``"nn"`` (NN-LAMB).
     param_norm_bounds: Optional ``(lo, hi)`` bounds of :math:`\phi`.
     trust_ratio_bounds: Optional ``(lo, hi)`` bounds of :math:`r`.
-    max_grad_norm: Optional global gradient-norm clip (> 0) applied to the raw
-      gradients before the moments.
     mu_dtype: Optional dtype of the first moment (e.g. ``jnp.bfloat16`` to
       halve its memory); None keeps the params' dtype.
     nu_dtype: Optional dtype of the second moment; None keeps the params'
       dtype.
-    layer_axes: The axes of stacked leaves that index layers (scanned
-      models), so each layer gets its own ratio; see
-      :func:`lamb_optax.scale_by_trust_ratio` and
-      :func:`lamb_optax.layer_axes_from_metadata`.
-    axis_name: Under ``shard_map``, the mesh axes each leaf is split along;
-      the trust ratio's squared norms and the ``max_grad_norm`` global norm
-      are summed over them. See :func:`lamb_optax.scale_by_trust_ratio` and
-      :func:`lamb_optax.axis_names_from_specs`.
     store_direction: Keep :math:`u_t` in the optimizer state (the fast path
       on CPU; 4 more bytes of state per float32 parameter; see above).
-    fused: Deprecated alias of ``store_direction`` (it named an earlier
-      mechanism); warns.
 
   Returns:
-    A :class:`optax.GradientTransformation` object.
+    A :class:`optax.GradientTransformationExtraArgs` object.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -157,35 +137,31 @@ def lamb(
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
   validation.check_learning_rate(learning_rate)
+  adam.check_arguments(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                       bias_correction=bias_correction)
+  nesterov = adam.nesterov_form(nesterov)
   validation.check_finite_non_negative("weight_decay", weight_decay)
-  if max_grad_norm is not None:
-    validation.check_positive("max_grad_norm", max_grad_norm)
-  if fused is not None:
-    validation.check_bool("fused", fused)
-    warnings.warn(
-        "`fused=` is deprecated: pass `store_direction=True` for the fast "
-        "path (the direction u is then kept in the optimizer state, 4 bytes "
-        "per float32 parameter; see lamb_optax.lamb's docstring).",
-        DeprecationWarning, stacklevel=2)
-    store_direction = store_direction or fused
+  checked.check_max_grad_norm(max_grad_norm)
   validation.check_bool("store_direction", store_direction)
-  trust_tx = trust_ratio.trust_ratio_from_arguments(
-      mask=trust_ratio_mask, mask_name="trust_ratio_mask",
-      param_norm_bounds=param_norm_bounds,
-      trust_ratio_bounds=trust_ratio_bounds, layer_axes=layer_axes,
-      axis_name=axis_name)
-  parts = [
-      adam.scale_by_adam(
-          b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-          bias_correction=bias_correction, nesterov=nesterov,
-          mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-  ]
-  if max_grad_norm is not None:
-    parts.insert(0, clipping.clip_by_global_norm(max_grad_norm, axis_name))
-  if store_direction:
-    parts.append(stored_direction.store_in_state(mask=trust_ratio_mask))
-  parts += [trust_tx, optax.scale_by_learning_rate(learning_rate)]
-  return checked_chain(optax.chain(*parts), name="lamb",
-                       weight_decay_mask=weight_decay_mask,
-                       trust_ratio_mask=trust_ratio_mask)
+  options = trust_ratio.check_arguments(param_norm_bounds=param_norm_bounds,
+                                        trust_ratio_bounds=trust_ratio_bounds)
+  def build(specs):
+    return optax.chain(
+        *checked.clip(max_grad_norm, specs),
+        adam.adam_transform(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                            mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                            nesterov=nesterov,
+                            bias_correction=bias_correction,
+                            check_inputs=False),
+        optax.add_decayed_weights(
+            weight_decay, checked.decay_mask(specs, weight_decay_mask)),
+        *([stored_direction.store_in_state(checked.adapted(specs))]
+          if store_direction else []),
+        trust_ratio.trust_ratio_transform(lambda _: specs, options,
+                                          check_inputs=False),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+  return checked.alias("lamb", build, adapt_mask=trust_ratio_mask,
+                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
+                       axis_name=axis_name)

@@ -1,34 +1,35 @@
 r"""LARS (Algorithm 1 of You et al., 2020): momentum rescaled per layer."""
 
-from __future__ import annotations
-
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from lamb_optax._src import checked
+from lamb_optax._src import docstrings
 from lamb_optax._src import layers
 from lamb_optax._src import numerics
 from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
-from lamb_optax._src.checked import checked_chain
 
 
+@docstrings.with_shared_args
 def lars(
     learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
     weight_decay: optax.ScalarOrSchedule = 0.0,
-    *,
     weight_decay_mask: validation.MaskArg = None,
-    trust_ratio_mask: validation.MaskArg = None,
-    param_norm_bounds: Optional[tuple[float, float]] = None,
-    trust_ratio_bounds: Optional[tuple[float, float]] = None,
     trust_coefficient: float = 1.0,
     eps: float = 0.0,
+    trust_ratio_mask: validation.MaskArg = None,
+    momentum: float = 0.9,
+    *,
+    max_grad_norm: Optional[float] = None,
     layer_axes: layers.LayerAxesArg = None,
     axis_name: layers.AxisNameArg = None,
-) -> optax.GradientTransformation:
+    param_norm_bounds: Optional[tuple[float, float]] = None,
+    trust_ratio_bounds: Optional[tuple[float, float]] = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""The LARS optimizer as written in Algorithm 1 of You et al. (2020).
 
   A *layer* is one leaf of the parameter pytree (or one slice of a stacked
@@ -50,38 +51,38 @@ def lars(
   <damped momentum>, lamb_optax.scale_by_trust_ratio(...),
   optax.scale_by_learning_rate(learning_rate))``, where the damped momentum
   computes what ``optax.ema(momentum, debias=False)`` computes but keeps the
-  state dtype fixed. The momentum is stored in the parameter dtype; the
-  trust ratio reads it from the state, so XLA needs no parameter-sized
-  temporary.
+  state dtype fixed, with the inputs checked once.
 
-  How it differs from :func:`optax.lars`: optax follows the classic LARS of
-  You, Gitman & Ginsburg (2017) — the ratio
-  :math:`10^{-3}\|x\|/\|g + \lambda x\|` is applied to the gradient *before*
-  a heavy-ball trace :math:`m_t = \beta m_{t-1} + \text{step}` (no
+  How it differs from :func:`optax.lars`: the positional arguments are
+  optax's, in optax's order (optax's ``nesterov`` has no counterpart in
+  Algorithm 1 and is refused), but the algorithm is the paper's. optax
+  follows the classic LARS of You, Gitman & Ginsburg (2017): the ratio
+  :math:`10^{-3}\|x\|/\|g + \lambda x\|` is applied to the gradient
+  *before* a heavy-ball trace :math:`m_t = \beta m_{t-1} + \text{step}` (no
   :math:`1-\beta` damping). Here, as in the paper's Algorithm 1, the
   momentum averages the decayed gradient with :math:`1-\beta_1` damping and
-  the ratio is computed from, and applied to, the momentum itself; the
-  default trust coefficient is 1.
+  the ratio is computed from, and applied to, the momentum itself, so every
+  step moves a layer by :math:`\eta_t c\,\phi(\|x_t\|)`; the default
+  trust coefficient is the paper's 1 (optax's is 1e-3: pass
+  ``trust_coefficient=1e-3`` for optax's step sizes). Like optax's,
+  ``update`` accepts extra keyword arguments.
 
   Args:
     learning_rate: :math:`\eta_t`, a scalar or an optax schedule.
-    momentum: :math:`\beta_1` in [0, 1).
     weight_decay: :math:`\lambda` >= 0, a scalar or a schedule.
-    weight_decay_mask: Bool pytree (or prefix, or callable) selecting the
-      leaves that get weight decay; None decays all.
-    trust_ratio_mask: Bool pytree (or prefix, or callable) selecting the
-      leaves that get the trust ratio; None adapts all.
-    param_norm_bounds: Optional ``(lo, hi)`` bounds of :math:`\phi`.
-    trust_ratio_bounds: Optional ``(lo, hi)`` bounds of the ratio.
+    weight_decay_mask: The leaves that get weight decay: a bool pytree
+      (or prefix, or callable); None (or True, optax's default): every leaf.
     trust_coefficient: :math:`c` >= 0.
     eps: Added to :math:`\|m_t\|` in the denominator, >= 0.
-    layer_axes: The axes of stacked leaves that index layers (scanned
-      models); see :func:`lamb_optax.scale_by_trust_ratio`.
-    axis_name: Under ``shard_map``, the mesh axes each leaf is split along;
-      see :func:`lamb_optax.scale_by_trust_ratio`.
+    trust_ratio_mask: The leaves that get the ratio, in the same forms; None
+      (or True): every leaf.
+    momentum: :math:`\beta_1` in [0, 1).
+    <shared args: max_grad_norm layer_axes axis_name>
+    param_norm_bounds: Optional ``(lo, hi)`` bounds of :math:`\phi`.
+    trust_ratio_bounds: Optional ``(lo, hi)`` bounds of the ratio.
 
   Returns:
-    A :class:`optax.GradientTransformation` object.
+    A :class:`optax.GradientTransformationExtraArgs` object.
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax
@@ -102,20 +103,25 @@ def lars(
   validation.check_learning_rate(learning_rate)
   validation.check_unit_interval("momentum", momentum)
   validation.check_finite_non_negative("weight_decay", weight_decay)
-  chain = optax.chain(
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      damped_momentum(momentum),
-      trust_ratio.trust_ratio_from_arguments(
-          mask=trust_ratio_mask, mask_name="trust_ratio_mask",
-          trust_coefficient=trust_coefficient, eps=eps,
-          param_norm_bounds=param_norm_bounds,
-          trust_ratio_bounds=trust_ratio_bounds, layer_axes=layer_axes,
-          axis_name=axis_name),
-      optax.scale_by_learning_rate(learning_rate),
-  )
-  return checked_chain(chain, name="lars",
-                       weight_decay_mask=weight_decay_mask,
-                       trust_ratio_mask=trust_ratio_mask)
+  checked.check_max_grad_norm(max_grad_norm)
+  options = trust_ratio.check_arguments(
+      trust_coefficient=trust_coefficient, eps=eps,
+      param_norm_bounds=param_norm_bounds,
+      trust_ratio_bounds=trust_ratio_bounds)
+  def build(specs):
+    return optax.chain(
+        *checked.clip(max_grad_norm, specs),
+        optax.add_decayed_weights(
+            weight_decay, checked.decay_mask(specs, weight_decay_mask)),
+        damped_momentum(momentum),
+        trust_ratio.trust_ratio_transform(lambda _: specs, options,
+                                          check_inputs=False),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+  return checked.alias("lars", build, adapt_mask=trust_ratio_mask,
+                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
+                       axis_name=axis_name)
 
 
 def damped_momentum(momentum: float) -> optax.GradientTransformation:

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable, Union
 import jax
 
 from lamb_optax._src import prefix
+from lamb_optax._src import validation
 
 MaskFn = Callable[[Any], Any]
 Patterns = Union[str, Iterable[str]]
@@ -27,20 +28,6 @@ NORM_PARAM_NAMES = ("scale", "gamma")
 # RMSNorm, BatchNorm_1, GroupNorm, norm, final_norm, input_layernorm, norm2,
 # ... (a name that ends in "norm", optionally numbered; not "normal_head").
 NORM_MODULE_PATTERN = r"(?i)(norm(_?\d+)?$|^ln(_?[a-z0-9]+)?$)"
-
-
-def _compile(patterns: Patterns, argname: str) -> list[re.Pattern[str]]:
-  if isinstance(patterns, str):
-    patterns = [patterns]
-  compiled = []
-  for p in patterns:
-    if not isinstance(p, str):
-      raise TypeError(f"`{argname}` must hold regex strings, got {p!r}.")
-    try:
-      compiled.append(re.compile(p))
-    except re.error as e:
-      raise ValueError(f"`{argname}`: invalid regex {p!r}: {e}") from None
-  return compiled
 
 
 def path_mask(predicate: Callable[[str, Any], bool]) -> MaskFn:
@@ -70,13 +57,13 @@ def exclude_paths(patterns: Patterns) -> MaskFn:
     >>> masks.exclude_paths(['bias$'])(params)
     {'dense': {'bias': False, 'kernel': True}}
   """
-  compiled = _compile(patterns, "patterns")
+  compiled = validation.check_patterns("patterns", patterns, single=True)
   return path_mask(lambda path, _: not any(p.search(path) for p in compiled))
 
 
 def include_paths(patterns: Patterns) -> MaskFn:
   """True only for leaves whose path matches any regex (``re.search``)."""
-  compiled = _compile(patterns, "patterns")
+  compiled = validation.check_patterns("patterns", patterns, single=True)
   return path_mask(lambda path, _: any(p.search(path) for p in compiled))
 
 
@@ -122,8 +109,7 @@ def rank_at_least(rank: int = 2) -> MaskFn:
     >>> masks.rank_at_least(2)({'w': jnp.ones((2, 2)), 'b': jnp.ones(2)})
     {'b': False, 'w': True}
   """
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
-    raise ValueError(f"`rank` must be an int >= 0, got {rank!r}.")
+  validation.check_int("rank", rank, 0, expected="an int >= 0")
   return path_mask(lambda _, x: len(getattr(x, "shape", ())) >= rank)
 
 

@@ -3,7 +3,9 @@ r"""Dtype rules and squared norms shared by every transform.
 Arithmetic runs in at least float32 (:func:`compute_dtype`): bfloat16 and
 float16 leaves are upcast before they are squared or combined, so their norms
 are float32-accurate, and results are cast back to the dtype the state or the
-caller holds.
+caller holds. Complex leaves keep their dtype (complex64 or complex128); their
+squared magnitudes and norms are real, in :func:`real_dtype` (float32 for
+complex64, float64 for complex128), as in optax.
 """
 
 from __future__ import annotations
@@ -22,9 +24,23 @@ def compute_dtype(dtype: Any) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+def real_dtype(dtype: Any) -> jnp.dtype:
+  """The real dtype of :func:`compute_dtype`: norms and squared magnitudes
+  are in it (float32 for complex64 and every narrower float)."""
+  return jnp.finfo(compute_dtype(dtype)).dtype
+
+
 def upcast(x: chex.Array) -> chex.Array:
   """``x`` in its :func:`compute_dtype`."""
   return x.astype(compute_dtype(x.dtype))
+
+
+def abs_sq(x: chex.Array) -> chex.Array:
+  r""":math:`|x|^2` elementwise, real: :math:`x^2` for real ``x`` and
+  :math:`\mathrm{Re}(x)^2 + \mathrm{Im}(x)^2` for complex ``x``."""
+  if jnp.iscomplexobj(x):
+    return jnp.square(x.real) + jnp.square(x.imag)
+  return jnp.square(x)
 
 
 def squared_norms(x: chex.Array, keep_axes: tuple[int, ...] = (),
@@ -32,13 +48,14 @@ def squared_norms(x: chex.Array, keep_axes: tuple[int, ...] = (),
   r"""Squared L2 norms of ``x`` over every axis not in ``keep_axes``.
 
   The result has the shape of the kept axes (a scalar by default) and the
-  :func:`compute_dtype` of ``x``. With ``axis_name`` the local sums are added
+  :func:`real_dtype` of ``x`` (for complex ``x``, the sum of
+  :math:`|x|^2`). With ``axis_name`` the local sums are added
   over those mesh axes (``shard_map``: ``x`` is one block of the layer), see
   :func:`psum_over`.
   """
   x = upcast(x)
   reduce_axes = tuple(i for i in range(x.ndim) if i not in keep_axes)
-  squared = jnp.sum(jnp.square(x), axis=reduce_axes)
+  squared = jnp.sum(abs_sq(x), axis=reduce_axes)
   if axis_name:
     squared = psum_over(squared, axis_name)
   return squared

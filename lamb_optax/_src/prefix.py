@@ -3,7 +3,6 @@ axis names, shardings), and the '/'-joined leaf paths errors are worded with."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable, Sequence
 
 import jax
@@ -12,19 +11,7 @@ import numpy as np
 
 def path_str(path: Sequence[Any]) -> str:
   """Joins a pytree key path as ``'a/b/0/kernel'``."""
-  parts = []
-  for key in path:
-    if isinstance(key, jax.tree_util.DictKey):
-      parts.append(str(key.key))
-    elif isinstance(key, jax.tree_util.GetAttrKey):
-      parts.append(str(key.name))
-    elif isinstance(key, jax.tree_util.SequenceKey):
-      parts.append(str(key.idx))
-    elif isinstance(key, jax.tree_util.FlattenedIndexKey):
-      parts.append(str(key.key))
-    else:  # Unknown key types: fall back to their own string form.
-      parts.append(re.sub(r"^[\[\.]|[\]]$", "", str(key)))
-  return "/".join(parts)
+  return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def param_path_str(path: Sequence[Any]) -> str:

@@ -1,219 +1,92 @@
 r"""Per-peer LAMB presets: the numerics and defaults of each LAMB in use.
 
-Each preset is an :func:`optax.chain` of the library's pieces
-(:func:`optax.clip_by_global_norm`, :func:`lamb_optax.scale_by_adam`,
-:func:`optax.add_decayed_weights`, :func:`lamb_optax.scale_by_trust_ratio`,
-:func:`optax.scale_by_learning_rate`) and of the small transforms below, one
-per way a peer departs from Algorithm 2 of You et al. (2020):
+Each preset is :func:`lamb_optax.lamb` or an :func:`optax.chain` of the same
+pieces: :func:`optax.clip_by_global_norm`, :func:`lamb_optax.scale_by_adam`,
+:func:`optax.add_decayed_weights`, :func:`lamb_optax.scale_by_trust_ratio`
+and :func:`optax.scale_by_learning_rate`, with what a peer does differently
+taken from optax or given as an option of the one trust ratio:
 
-* :func:`_scale_by_peer_trust_ratio`: the library's one trust ratio
-  (:func:`lamb_optax.scale_by_trust_ratio`'s engine) with a step count, for
-  the rules that are options of it: a run-time gate on the weight decay
-  (apex, timm: no ratio where the decay is 0), a clamp of :math:`\|x\|`
-  (torch-optimizer), bounds that leave the fallback :math:`r = 1` alone
-  (DeepSpeed) and the parameter norm taken after a decoupled decay (Keras).
-  Its bounds may be traced values (``optax.inject_hyperparams`` injects
-  every numeric argument, ``clamp_value`` and ``max_coeff`` too).
-* :func:`_scale_by_bias_correction_factor`: :math:`\sqrt{1-\beta_2^t} /
-  (1-\beta_1^t)` as a multiplier of the step (DeepSpeed, torch-optimizer's
-  ``debias``).
-* DeepSpeed's clip, with 1e-6 added to the norm: the library's global-norm
+* the run-time gate on the weight decay (apex, timm: no ratio where the decay
+  is 0), a clamp of :math:`\|x\|` (torch-optimizer), bounds that leave the
+  fallback :math:`r = 1` alone (DeepSpeed) and the parameter norm taken after
+  a decoupled decay (Keras) are :class:`TrustRatioOptions`; their bounds may
+  be traced values (``optax.inject_hyperparams`` injects every numeric
+  argument, ``clamp_value`` and ``max_coeff`` too);
+* :math:`\sqrt{1-\beta_2^t} / (1-\beta_1^t)` as a multiplier of the step
+  (DeepSpeed, torch-optimizer's ``debias``) is :func:`optax.scale_by_schedule`;
+* Keras' decoupled decay :math:`x \mathrel{-}= \eta \lambda x`, outside the
+  ratio, is :func:`optax.add_decayed_weights` after the ratio;
+* DeepSpeed's clip, with 1e-6 added to the norm, is the library's global-norm
   clip with ``norm_offset=1e-6``.
-* :func:`_add_decoupled_weight_decay`: Keras' :math:`x \mathrel{-}= \eta
-  \lambda x`, outside the ratio.
 
-A *layer* is one leaf of the parameter pytree in every preset, as one tensor
-is in every peer, or with ``layer_axes`` one slice of a leaf that stacks
-layers (scanned models); ``axis_name`` sums the norms (ratios and global clip)
-over ``shard_map`` mesh axes. Both mean what they mean in
-:func:`lamb_optax.lamb`.
+Every preset takes one vocabulary: ``weight_decay_mask``,
+``trust_ratio_mask`` (where the peer would adapt a leaf, which leaves may get
+the ratio), ``max_grad_norm``, ``layer_axes`` and ``axis_name``, meaning what
+they mean in :func:`lamb_optax.lamb`, so that a caller can pick a preset from
+a plain name -> factory mapping. A *layer* is one leaf of the parameter
+pytree in every preset, as one tensor is in every peer, or with
+``layer_axes`` one slice of a leaf that stacks layers.
 """
 
-from __future__ import annotations
+from typing import Any, Callable, Optional, Sequence
 
-import functools
-from typing import Any, NamedTuple, Optional, Sequence
-
-import chex
-import jax
 import jax.numpy as jnp
 import optax
 
 from lamb_optax._src import adam as adam_lib
 from lamb_optax._src import checked
-from lamb_optax._src import clipping
+from lamb_optax._src import docstrings
+from lamb_optax._src import lamb as lamb_lib
 from lamb_optax._src import layers
 from lamb_optax._src import masks
-from lamb_optax._src import numerics
-from lamb_optax._src import prefix
 from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
 
-# --------------------------------------------------------------------------
-# Small transforms for what the peers do differently.
-# --------------------------------------------------------------------------
+TrustRatioOptions = trust_ratio.TrustRatioOptions
+ScheduledTrustRatioState = trust_ratio.ScheduledTrustRatioState
 
 
-class PeerTrustRatioState(NamedTuple):
-  """State of the presets' trust ratio: a step count (for weight-decay and
-  learning-rate schedules) and the ratios of the last update, read with
-  :func:`lamb_optax.trust_ratios`."""
-
-  count: chex.Array
-  trust: trust_ratio.ScaleByTrustRatioState
-
-
-class CountState(NamedTuple):
-  """A step count (int32), for the presets' scheduled scalars."""
-
-  count: chex.Array
+def _check_common(learning_rate, b1, b2, eps, weight_decay, max_grad_norm,
+                  **flags):
+  """The checks every preset shares; ``flags`` are its bool options."""
+  validation.check_learning_rate(learning_rate)
+  adam_lib.check_arguments(b1=b1, b2=b2, eps=eps, eps_root=0.0,
+                           bias_correction=flags.pop("bias_correction", True))
+  if weight_decay is not None:
+    validation.check_finite_non_negative("weight_decay", weight_decay)
+  checked.check_max_grad_norm(max_grad_norm)
+  for name, value in flags.items():
+    validation.check_bool(name, value)
 
 
-def _at(value: Any, count: chex.Array) -> Any:
-  """A scalar or a schedule evaluated at the 0-based ``count``."""
-  return value(count) if callable(value) else value
+def _adam(b1, b2, eps, *, eps_root=0.0, bias_correction=True):
+  """Adam's direction, trusting the preset's checks."""
+  return adam_lib.adam_transform(
+      b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=None, nu_dtype=None,
+      nesterov=None, bias_correction=bias_correction, check_inputs=False)
 
 
-def _scale_by_peer_trust_ratio(
-    *,
-    mask: validation.MaskArg = None,
-    mask_name: str = "trust_ratio_mask",
-    gate_weight_decay: Optional[optax.ScalarOrSchedule] = None,
-    options: trust_ratio.TrustRatioOptions = trust_ratio.TrustRatioOptions(),
-    decoupled_decay: Optional[tuple[Any, Any, Any]] = None,
-    layer_axes: layers.LayerAxesArg = None,
-    axis_name: layers.AxisNameArg = None,
-) -> optax.GradientTransformation:
-  r"""The engine's trust ratio (:func:`trust_ratio.scale_updates`) with a
-  step count, for the peers' run-time rules.
-
-  * ``gate_weight_decay`` (a scalar, a traced scalar or a schedule of the
-    step): where its value is 0 every ratio is 1 (apex and timm adapt only
-    layers whose decay is non-zero);
-  * ``decoupled_decay = (learning_rate, weight_decay, mask)``: on the leaves
-    of ``mask``, :math:`\phi` is the norm of :math:`x - \eta_t\lambda_t x`
-    (Keras decays before the step);
-  * ``options``: the :class:`trust_ratio.TrustRatioOptions` (bounds that
-    may be traced, DeepSpeed's unclipped fallback).
-
-  Leaves outside ``mask`` get :math:`r = 1`; ``layer_axes`` and
-  ``axis_name`` are those of :func:`lamb_optax.scale_by_trust_ratio`.
-  """
-  decay_mask, decay_mask_name = False, "weight_decay_mask"
-  if decoupled_decay is not None:
-    decay_mask = decoupled_decay[2]
-  specs_fn = functools.partial(
-      trust_ratio.leaf_specs, adapt_mask=mask, adapt_mask_name=mask_name,
-      decay_mask=decay_mask, decay_mask_name=decay_mask_name,
-      layer_axes=layer_axes, axis_name=axis_name)
-
-  def init_fn(params):
-    validation.check_float_leaves(params, "params")
-    return PeerTrustRatioState(
-        count=jnp.zeros([], jnp.int32),
-        trust=trust_ratio.initial_state(params, specs_fn(params)))
-
-  def update_fn(updates, state, params=None):
-    validation.check_params_present(params, "the trust ratio")
-    validation.check_updates_match_params(updates, params)
-    count = state.count
-    gate = param_decay = None
-    if gate_weight_decay is not None:
-      gate = jnp.asarray(_at(gate_weight_decay, count)) != 0
-    if decoupled_decay is not None:
-      lr, wd, _ = decoupled_decay
-      param_decay = jnp.asarray(_at(lr, count)) * jnp.asarray(_at(wd, count))
-    scaled, trust = trust_ratio.scale_updates(
-        updates, params, specs_fn(params), state.trust, options, gate=gate,
-        param_decay=param_decay)
-    return scaled, PeerTrustRatioState(
-        count=optax.safe_int32_increment(count), trust=trust)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+def _trust_ratio(specs, options):
+  return trust_ratio.trust_ratio_transform(lambda _: specs, options,
+                                           check_inputs=False)
 
 
-def _scale_by_bias_correction_factor(b1: Any, b2: Any
-                                     ) -> optax.GradientTransformation:
+def _bias_correction_factor(b1: Any, b2: Any) -> optax.GradientTransformation:
   r"""Multiplies the updates by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
 
   DeepSpeed and torch-optimizer (``debias=True``) keep raw moments and fold
   Adam's bias correction into the step size, after the trust ratio.
   """
 
-  def init_fn(params):
-    del params
-    return CountState(count=jnp.zeros([], jnp.int32))
+  def factor(count):  # optax's count is 0-based: step t = count + 1.
+    t = count + 1
+    return (jnp.sqrt(adam_lib.one_minus_power(b2, t))
+            / adam_lib.one_minus_power(b1, t))
 
-  def update_fn(updates, state, params=None):
-    del params
-    count = optax.safe_int32_increment(state.count)
-    c1 = adam_lib.one_minus_power(base=b1, count=count)
-    c2 = adam_lib.one_minus_power(base=b2, count=count)
-    factor = jnp.sqrt(c2) / c1
-    updates = jax.tree.map(
-        lambda u: (u.astype(numerics.compute_dtype(u.dtype))
-                   * factor).astype(u.dtype), updates)
-    return updates, CountState(count=count)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return optax.scale_by_schedule(factor)
 
 
-def _add_decoupled_weight_decay(
-    learning_rate: optax.ScalarOrSchedule,
-    weight_decay: optax.ScalarOrSchedule,
-    mask: validation.MaskArg,
-) -> optax.GradientTransformation:
-  r"""Adds :math:`-\eta_t \lambda_t x` to the (final) updates of ``mask``."""
-
-  def init_fn(params):
-    del params
-    return CountState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None):
-    validation.check_params_present(params, "keras (decoupled weight decay)")
-    scale = (jnp.asarray(_at(learning_rate, state.count))
-             * jnp.asarray(_at(weight_decay, state.count)))
-    decayed = prefix.resolve_mask(mask, params, "weight_decay_mask")
-    treedef = jax.tree.structure(params)
-
-    def leaf(u, x, decay):
-      if not decay:
-        return u
-      cdt = numerics.compute_dtype(u.dtype)
-      return (u.astype(cdt) - x.astype(cdt) * scale.astype(cdt)).astype(u.dtype)
-
-    return (jax.tree.map(leaf, updates, params, treedef.unflatten(decayed)),
-            CountState(count=optax.safe_int32_increment(state.count)))
-
-  return optax.GradientTransformation(init_fn, update_fn)
-
-
-# --------------------------------------------------------------------------
-# Argument checks shared by the presets.
-# --------------------------------------------------------------------------
-
-
-def _check_common(learning_rate, eps, weight_decay, max_grad_norm=None):
-  validation.check_learning_rate(learning_rate)
-  validation.check_non_negative("eps", eps)
-  if weight_decay is not None:
-    validation.check_finite_non_negative("weight_decay", weight_decay)
-  if max_grad_norm is not None:
-    validation.check_positive("max_grad_norm", max_grad_norm)
-
-
-def _finish(chain, *, name, weight_decay_mask=None, trust_ratio_mask=None):
-  """The chain with the library's argument checks and dtype handling."""
-  return checked.checked_chain(chain, name=name,
-                               weight_decay_mask=weight_decay_mask,
-                               trust_ratio_mask=trust_ratio_mask)
-
-
-# --------------------------------------------------------------------------
-# The presets.
-# --------------------------------------------------------------------------
-
-
+@docstrings.with_shared_args
 def nvlamb(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
@@ -222,20 +95,21 @@ def nvlamb(
     weight_decay: optax.ScalarOrSchedule = 0.01,
     *,
     weight_decay_mask: validation.MaskArg = None,
+    trust_ratio_mask: validation.MaskArg = None,
     max_grad_norm: Optional[float] = 1.0,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
     bias_correction: bool = True,
     grad_averaging: bool = True,
     adam_w_mode: bool = True,
     use_nvlamb: bool = False,
-    layer_axes: layers.LayerAxesArg = None,
-    axis_name: layers.AxisNameArg = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""NVIDIA's LAMB: ``apex.optimizers.FusedLAMB`` (as in NVIDIA's BERT).
 
   With :math:`G` the global norm of all gradients, :math:`\lambda_l` the
-  decay of layer :math:`l` (``weight_decay`` on the leaves of
-  ``weight_decay_mask``, 0 elsewhere: apex's parameter groups) and
-  :math:`c_i = 1-\beta_i^t` (1 without ``bias_correction``):
+  decay of layer :math:`l` (``weight_decay`` on ``weight_decay_mask``, else
+  0: apex's parameter groups) and :math:`c_i = 1-\beta_i^t` (1 without
+  ``bias_correction``):
 
   .. math::
 
@@ -251,25 +125,14 @@ def nvlamb(
       \text{ else } 1; \quad r = 1 \text{ if a norm is } 0, \\
     x &\leftarrow x - \eta\, r\, u.
 
-  How it differs from Algorithm 2 of the paper: the gradients are
-  pre-normalised by their global norm (to ``max_grad_norm=1.0`` by
-  default); layers without weight decay (biases and LayerNorm in BERT, or
-  everything when ``weight_decay=0``) get no trust ratio unless
-  ``use_nvlamb=True``; ``adam_w_mode=False`` turns the decay into an L2 term
-  added to the gradient before the moments (then outside :math:`u`);
-  ``grad_averaging=False`` accumulates :math:`m_t = \beta_1 m_{t-1} + g`
-  (computed here as the averaged moment times :math:`1/(1-\beta_1)`, the
-  same number since :math:`m` is linear in :math:`g` and :math:`\epsilon`
-  sits in the denominator). ``eps`` is outside the square root, as in the
-  paper.
-
-  The defaults are apex's *code* defaults (``eps=1e-6``, ``weight_decay=0.01``,
-  ``max_grad_norm=1.0``); its docstring states ``eps=1e-8`` and
-  ``weight_decay=0`` (NVIDIA/apex#1186). Whether the ratio applies is decided
-  at each step from the value of the decay (a schedule or an injected
-  hyperparameter that reaches 0 switches it off), as apex decides it per
-  parameter group at each call. ``max_grad_norm=None`` disables the clip
-  (apex always clips).
+  How it differs from Algorithm 2: the global clip (``max_grad_norm=None``
+  turns it off; apex always clips); no ratio on layers whose decay is 0,
+  decided at each step from the decay's value (within
+  ``trust_ratio_mask``), unless ``use_nvlamb``; ``adam_w_mode=False`` makes
+  the decay an L2 term of :math:`g`; ``grad_averaging=False`` is computed as
+  the averaged moment times :math:`1/(1-\beta_1)`, the same update. The
+  defaults are apex's code defaults (its docstring says ``eps=1e-8`` and
+  ``weight_decay=0``, NVIDIA/apex#1186).
 
   Args:
     learning_rate: :math:`\eta`, a scalar or an optax schedule.
@@ -277,82 +140,60 @@ def nvlamb(
     b2: Decay rate of the second moment, in [0, 1).
     eps: Added to :math:`\sqrt{\hat v}`, >= 0.
     weight_decay: :math:`\lambda` >= 0, a scalar or a schedule.
-    weight_decay_mask: Bool pytree (or prefix, or callable) of the leaves that
-      get decay, and hence the ratio; None: all leaves.
-    max_grad_norm: Global gradient-norm clip (> 0), or None.
+    <shared args: weight_decay_mask trust_ratio_mask max_grad_norm>
+    <shared args: layer_axes axis_name>
     bias_correction: Whether the moments are bias corrected.
     grad_averaging: Whether the gradient enters :math:`m` with
       :math:`1-\beta_1`.
     adam_w_mode: Decay inside :math:`u` (True) or as L2 into :math:`g`.
     use_nvlamb: Apply the ratio to layers without decay too.
-    layer_axes: The axes of stacked leaves that index layers (scanned
-      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
-      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
-      a callable ``params -> such a tree``. Norms reduce over the other
-      axes; the ratios (and those in the state) have the layer axes' shape.
-    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
-      (a name or tuple of names for every leaf, or a per-leaf pytree): the
-      trust ratio's squared norms and the ``max_grad_norm`` global norm are
-      summed over them, as in :func:`lamb_optax.lamb`.
 
   Returns:
-    A :class:`optax.GradientTransformation` object.
+    A :class:`optax.GradientTransformationExtraArgs` object.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp
+    >>> import lamb_optax
     >>> from lamb_optax import presets
-    >>> def f(x): return jnp.sum(x ** 2)
-    >>> opt = presets.nvlamb(learning_rate=0.1)
     >>> params = jnp.array([1., 2., 3.])
-    >>> state = opt.init(params)
-    >>> for _ in range(3):
-    ...   updates, state = opt.update(jax.grad(f)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print(f"{f(params):.3f}")
-    7.927
+    >>> opt = presets.nvlamb(learning_rate=0.1)
+    >>> updates, _ = opt.update(2 * params, opt.init(params), params)
+    >>> print(f"{jnp.linalg.norm(updates):.4f}")  # The layer moves lr * ||x||.
+    0.3742
 
   References:
-    NVIDIA/apex, ``apex/optimizers/fused_lamb.py`` and
-    ``csrc/multi_tensor_lamb.cu``; NVIDIA/DeepLearningExamples, BERT.
+    NVIDIA/apex, ``apex/optimizers/fused_lamb.py``; NVIDIA's BERT.
 
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  _check_common(learning_rate, eps, weight_decay, max_grad_norm)
-  for name, value in (("bias_correction", bias_correction),
-                      ("grad_averaging", grad_averaging),
-                      ("adam_w_mode", adam_w_mode),
-                      ("use_nvlamb", use_nvlamb)):
-    validation.check_bool(name, value)
-  parts = []
-  if max_grad_norm is not None:
-    parts.append(clipping.clip_by_global_norm(max_grad_norm, axis_name))
-  decay_tx = optax.add_decayed_weights(weight_decay, weight_decay_mask)
-  if not adam_w_mode:
-    parts.append(decay_tx)  # L2: into the gradient, before the moments
-  parts.append(adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps,
-                                  bias_correction=bias_correction))
-  if not grad_averaging:
-    # m_t = b1 m_{t-1} + g is the averaged moment divided by 1 - b1.
-    parts.append(optax.scale(1.0 / (1.0 - b1)))
-  if adam_w_mode:
-    parts.append(decay_tx)
-  if use_nvlamb:
-    parts.append(trust_ratio.scale_by_trust_ratio(
-        layer_axes=layer_axes, axis_name=axis_name))
-    trust_mask = None
-  else:
-    parts.append(_scale_by_peer_trust_ratio(
-        mask=weight_decay_mask, mask_name="weight_decay_mask",
-        gate_weight_decay=weight_decay, layer_axes=layer_axes,
-        axis_name=axis_name))
-    trust_mask = weight_decay_mask
-  parts.append(optax.scale_by_learning_rate(learning_rate))
-  return _finish(optax.chain(*parts), name="nvlamb",
-                 weight_decay_mask=weight_decay_mask,
-                 trust_ratio_mask=trust_mask)
+  _check_common(learning_rate, b1, b2, eps, weight_decay, max_grad_norm,
+                bias_correction=bias_correction, grad_averaging=grad_averaging,
+                adam_w_mode=adam_w_mode, use_nvlamb=use_nvlamb)
+  options = TrustRatioOptions(decay_gate=None if use_nvlamb else weight_decay)
+
+  def build(specs):
+    decay = optax.add_decayed_weights(
+        weight_decay, checked.decay_mask(specs, weight_decay_mask))
+    return optax.chain(
+        *checked.clip(max_grad_norm, specs),
+        # L2: into the gradient, before the moments.
+        *([] if adam_w_mode else [decay]),
+        _adam(b1, b2, eps, bias_correction=bias_correction),
+        # m_t = b1 m_{t-1} + g is the averaged moment divided by 1 - b1.
+        *([] if grad_averaging else [optax.scale(1.0 / (1.0 - b1))]),
+        *([decay] if adam_w_mode else []),
+        _trust_ratio(specs, options),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+  return checked.alias("nvlamb", build, adapt_mask=trust_ratio_mask,
+                 decay_mask=weight_decay_mask,
+                 adapt_only_decayed=not use_nvlamb, layer_axes=layer_axes,
+                 axis_name=axis_name)
 
 
+@docstrings.with_shared_args
 def timm(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
@@ -361,13 +202,14 @@ def timm(
     weight_decay: optax.ScalarOrSchedule = 0.01,
     *,
     weight_decay_mask: validation.MaskArg = None,
+    trust_ratio_mask: validation.MaskArg = None,
     max_grad_norm: Optional[float] = 1.0,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
     trust_clip: bool = False,
     always_adapt: bool = False,
     bias_correction: bool = True,
-    layer_axes: layers.LayerAxesArg = None,
-    axis_name: layers.AxisNameArg = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""timm's LAMB: ``timm.optim.Lamb`` (Ross Wightman's NVLAMB port).
 
   With :math:`G` the global gradient norm, :math:`\lambda_l` the decay of
@@ -385,15 +227,12 @@ def timm(
       r \leftarrow \min(r, 1) \text{ if trust\_clip}, \\
     x &\leftarrow x - \eta\, r\, u.
 
-  timm writes the denominator as :math:`\sqrt{v_t}/\sqrt{c_2} + \epsilon`:
-  the same number as the paper's :math:`\sqrt{v_t/c_2} + \epsilon` (eps
-  outside the root, after the correction), unlike torch-optimizer and
-  DeepSpeed. How it differs from Algorithm 2: the global clip to
-  ``max_grad_norm=1.0`` (None disables it), no ratio on layers without decay
-  unless ``always_adapt``, and LAMBC's ``trust_clip``. Defaults are timm's.
-  timm's ``grad_averaging``, ``decoupled_decay``, ``caution`` and
-  ``corrected_weight_decay`` options are not reproduced (their defaults,
-  which this preset computes, are True, False, False, False).
+  :math:`\sqrt{v_t}/\sqrt{c_2}` is the paper's :math:`\sqrt{v_t/c_2}`. How it
+  differs from Algorithm 2: the global clip (None turns it off), no ratio on
+  layers without decay unless ``always_adapt`` (as in ``nvlamb``), and
+  LAMBC's ``trust_clip``. Defaults are timm's; its ``grad_averaging``,
+  ``decoupled_decay``, ``caution`` and ``corrected_weight_decay`` are not
+  reproduced (this computes their defaults).
 
   Args:
     learning_rate: :math:`\eta`, a scalar or an optax schedule.
@@ -401,37 +240,24 @@ def timm(
     b2: Decay rate of the second moment, in [0, 1).
     eps: Added to :math:`\sqrt{v}/\sqrt{c_2}`, >= 0.
     weight_decay: :math:`\lambda` >= 0, a scalar or a schedule.
-    weight_decay_mask: Bool pytree (or prefix, or callable) of the leaves that
-      get decay (and the ratio); None: all leaves.
-    max_grad_norm: Global gradient-norm clip (> 0), or None.
+    <shared args: weight_decay_mask trust_ratio_mask max_grad_norm>
+    <shared args: layer_axes axis_name>
     trust_clip: Cap the ratio at 1 (LAMBC).
     always_adapt: Apply the ratio to layers without decay too.
     bias_correction: Whether the moments are bias corrected.
-    layer_axes: The axes of stacked leaves that index layers (scanned
-      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
-      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
-      a callable ``params -> such a tree``. Norms reduce over the other
-      axes; the ratios (and those in the state) have the layer axes' shape.
-    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
-      (a name or tuple of names for every leaf, or a per-leaf pytree): the
-      trust ratio's squared norms and the ``max_grad_norm`` global norm are
-      summed over them, as in :func:`lamb_optax.lamb`.
 
   Returns:
-    A :class:`optax.GradientTransformation` object.
+    A :class:`optax.GradientTransformationExtraArgs` object.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp
+    >>> import lamb_optax
     >>> from lamb_optax import presets
-    >>> def f(x): return jnp.sum(x ** 2)
-    >>> opt = presets.timm(learning_rate=0.1, trust_clip=True)
     >>> params = jnp.array([1., 2., 3.])
-    >>> state = opt.init(params)
-    >>> for _ in range(3):
-    ...   updates, state = opt.update(jax.grad(f)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print(f"{f(params):.3f}")
-    10.601
+    >>> opt = presets.timm(learning_rate=0.1, trust_clip=True)
+    >>> _, state = opt.update(2 * params, opt.init(params), params)
+    >>> print(lamb_optax.trust_ratios(state))  # ||x|| / ||u|| = 2.1, capped
+    1.0
 
   References:
     huggingface/pytorch-image-models, ``timm/optim/lamb.py``.
@@ -439,30 +265,31 @@ def timm(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  _check_common(learning_rate, eps, weight_decay, max_grad_norm)
-  for name, value in (("trust_clip", trust_clip),
-                      ("always_adapt", always_adapt),
-                      ("bias_correction", bias_correction)):
-    validation.check_bool(name, value)
-  parts = []
-  if max_grad_norm is not None:
-    parts.append(clipping.clip_by_global_norm(max_grad_norm, axis_name))
-  parts.append(adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps,
-                                  bias_correction=bias_correction))
-  parts.append(optax.add_decayed_weights(weight_decay, weight_decay_mask))
-  parts.append(_scale_by_peer_trust_ratio(
-      mask=None if always_adapt else weight_decay_mask,
-      mask_name="weight_decay_mask",
-      gate_weight_decay=None if always_adapt else weight_decay,
-      options=trust_ratio.TrustRatioOptions(
-          trust_ratio_bounds=(0.0, 1.0) if trust_clip else None,
-          bound_fallback=False),
-      layer_axes=layer_axes, axis_name=axis_name))
-  parts.append(optax.scale_by_learning_rate(learning_rate))
-  return _finish(optax.chain(*parts), name="timm",
-                 weight_decay_mask=weight_decay_mask)
+  _check_common(learning_rate, b1, b2, eps, weight_decay, max_grad_norm,
+                trust_clip=trust_clip, always_adapt=always_adapt,
+                bias_correction=bias_correction)
+  options = TrustRatioOptions(
+      trust_ratio_bounds=(0.0, 1.0) if trust_clip else None,
+      bound_fallback=False,
+      decay_gate=None if always_adapt else weight_decay)
+
+  def build(specs):
+    return optax.chain(
+        *checked.clip(max_grad_norm, specs),
+        _adam(b1, b2, eps, bias_correction=bias_correction),
+        optax.add_decayed_weights(
+            weight_decay, checked.decay_mask(specs, weight_decay_mask)),
+        _trust_ratio(specs, options),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+  return checked.alias("timm", build, adapt_mask=trust_ratio_mask,
+                 decay_mask=weight_decay_mask,
+                 adapt_only_decayed=not always_adapt, layer_axes=layer_axes,
+                 axis_name=axis_name)
 
 
+@docstrings.with_shared_args
 def torch_optimizer(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
@@ -471,12 +298,14 @@ def torch_optimizer(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     weight_decay_mask: validation.MaskArg = None,
+    trust_ratio_mask: validation.MaskArg = None,
+    max_grad_norm: Optional[float] = None,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
     clamp_value: float = 10.0,
     debias: bool = False,
     adam: bool = False,
-    layer_axes: layers.LayerAxesArg = None,
-    axis_name: layers.AxisNameArg = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""torch-optimizer's LAMB: ``torch_optimizer.Lamb`` (jettify).
 
   With raw (not bias-corrected) moments and :math:`c_i = 1-\beta_i^t`:
@@ -491,14 +320,12 @@ def torch_optimizer(
     x &\leftarrow x - \eta\, s_t\, r\, u, \quad
       s_t = \sqrt{c_2}/c_1 \text{ if debias, else } 1.
 
-  How it differs from Algorithm 2: no bias correction by default (the
-  paper's v3), so early steps see :math:`m/\sqrt{v}` of the raw moments;
-  ``debias=True`` puts the correction in the step size *after* the ratio,
-  which the ratio does not normalise away; :math:`\phi(z) = \min(z, 10)`;
-  ``adam=True`` drops the ratio (Adam with decay in the update). Defaults
-  are torch-optimizer's code defaults (its docstring says ``eps=1e-8``, the
-  code uses 1e-6). torch-optimizer has no decay mask: its parameter groups
-  with ``weight_decay=0`` are ``weight_decay_mask`` here.
+  How it differs from Algorithm 2: raw moments (the paper's v3);
+  ``debias=True`` puts the bias correction in the step *after* the ratio,
+  which does not normalise it away; :math:`\phi(z) = \min(z, 10)`;
+  ``adam=True`` drops the ratio. torch-optimizer neither masks nor clips:
+  ``trust_ratio_mask=None`` and ``max_grad_norm=None`` are its behaviour.
+  Defaults are its code's (its docstring says ``eps=1e-8``).
 
   Args:
     learning_rate: :math:`\eta`, a scalar or an optax schedule.
@@ -506,36 +333,24 @@ def torch_optimizer(
     b2: Decay rate of the second moment, in [0, 1).
     eps: Added to :math:`\sqrt{v}`, >= 0.
     weight_decay: :math:`\lambda` >= 0, a scalar or a schedule.
-    weight_decay_mask: Bool pytree (or prefix, or callable) of the leaves that
-      get decay; None: all. Every leaf gets the ratio.
+    <shared args: weight_decay_mask trust_ratio_mask max_grad_norm>
+    <shared args: layer_axes axis_name>
     clamp_value: Upper clamp of :math:`\|x\|` in the ratio, >= 0.
     debias: Multiply the step by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
     adam: Use :math:`r = 1` (no layer adaptation).
-    layer_axes: The axes of stacked leaves that index layers (scanned
-      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
-      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
-      a callable ``params -> such a tree``. Norms reduce over the other
-      axes; the ratios (and those in the state) have the layer axes' shape.
-    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
-      (a name or tuple of names for every leaf, or a per-leaf pytree): the
-      trust ratio's squared norms are summed over them, as in
-      :func:`lamb_optax.lamb`.
 
   Returns:
-    A :class:`optax.GradientTransformation` object.
+    A :class:`optax.GradientTransformationExtraArgs` object.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp
+    >>> import lamb_optax
     >>> from lamb_optax import presets
-    >>> def f(x): return jnp.sum(x ** 2)
-    >>> opt = presets.torch_optimizer(learning_rate=0.1)
     >>> params = jnp.array([1., 2., 3.])
-    >>> state = opt.init(params)
-    >>> for _ in range(3):
-    ...   updates, state = opt.update(jax.grad(f)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print(f"{f(params):.3f}")
-    7.942
+    >>> opt = presets.torch_optimizer(learning_rate=0.1)
+    >>> updates, _ = opt.update(2 * params, opt.init(params), params)
+    >>> print(f"{jnp.linalg.norm(updates):.4f}")  # lr * ||x||
+    0.3742
 
   References:
     jettify/pytorch-optimizer, ``torch_optimizer/lamb.py``.
@@ -543,26 +358,29 @@ def torch_optimizer(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  _check_common(learning_rate, eps, weight_decay)
+  _check_common(learning_rate, b1, b2, eps, weight_decay, max_grad_norm,
+                debias=debias, adam=adam)
   validation.check_non_negative("clamp_value", clamp_value)
-  validation.check_bool("debias", debias)
-  validation.check_bool("adam", adam)
-  parts = [
-      adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps, bias_correction=False),
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      _scale_by_peer_trust_ratio(mask=False if adam else None,
-                                 options=trust_ratio.TrustRatioOptions(
-                                     param_norm_bounds=(0.0, clamp_value)),
-                                 layer_axes=layer_axes, axis_name=axis_name),
-  ]
-  if debias:
-    parts.append(_scale_by_bias_correction_factor(b1, b2))
-  parts.append(optax.scale_by_learning_rate(learning_rate))
-  return _finish(optax.chain(*parts), name="torch_optimizer",
-                 weight_decay_mask=weight_decay_mask)
+  options = TrustRatioOptions(param_norm_bounds=(0.0, clamp_value))
+
+  def build(specs):
+    return optax.chain(
+        *checked.clip(max_grad_norm, specs),
+        _adam(b1, b2, eps, bias_correction=False),
+        optax.add_decayed_weights(
+            weight_decay, checked.decay_mask(specs, weight_decay_mask)),
+        _trust_ratio(specs, options),
+        *([_bias_correction_factor(b1, b2)] if debias else []),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+  return checked.alias("torch_optimizer", build,
+                 adapt_mask=False if adam else trust_ratio_mask,
+                 decay_mask=weight_decay_mask, layer_axes=layer_axes,
+                 axis_name=axis_name)
 
 
-
+@docstrings.with_shared_args
 def deepspeed(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
@@ -571,14 +389,15 @@ def deepspeed(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
     weight_decay_mask: validation.MaskArg = None,
-    bias_correction: bool = True,
+    trust_ratio_mask: validation.MaskArg = None,
     max_grad_norm: Optional[float] = None,
+    layer_axes: layers.LayerAxesArg = None,
+    axis_name: layers.AxisNameArg = None,
+    bias_correction: bool = True,
     max_coeff: float = 10.0,
     min_coeff: float = 0.01,
     eps_inside_sqrt: bool = False,
-    layer_axes: layers.LayerAxesArg = None,
-    axis_name: layers.AxisNameArg = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""DeepSpeed's LAMB: ``deepspeed.ops.lamb.FusedLamb``.
 
   With raw moments, :math:`c_i = 1-\beta_i^t` and :math:`G` the global
@@ -598,16 +417,13 @@ def deepspeed(
     x &\leftarrow x - \eta\, s_t\, r\, u, \quad
       s_t = \sqrt{c_2}/c_1 \text{ if bias\_correction, else } 1.
 
-  How it differs from Algorithm 2: the ratio is computed from the raw
-  moments and the bias correction multiplies the step afterwards, so it is
-  not normalised away by the ratio (the first step is
+  How it differs from Algorithm 2: the ratio comes from raw moments and the
+  bias correction multiplies the step afterwards (the first step is
   :math:`\sqrt{1-\beta_2}/(1-\beta_1) \approx 0.32` times the paper's);
   ``eps`` is 1e-8 and may sit inside the root; the ratio is clipped to
-  ``[min_coeff, max_coeff]`` (the 1 of a zero norm is not clipped).
-  DeepSpeed clips with a norm its caller passes (``grad_norms``); here
-  :math:`G` is the global norm of the gradient tree, and
-  ``max_grad_norm=None`` (DeepSpeed: 0) disables the clip. DeepSpeed's
-  parameter groups with ``weight_decay=0`` are ``weight_decay_mask`` here.
+  ``[min_coeff, max_coeff]``, but not the 1 of a zero norm. DeepSpeed clips
+  with a norm its caller passes; here :math:`G` is the gradient tree's, and
+  ``max_grad_norm=None`` (DeepSpeed: 0) turns the clip off.
 
   Args:
     learning_rate: :math:`\eta`, a scalar or an optax schedule.
@@ -615,76 +431,60 @@ def deepspeed(
     b2: Decay rate of the second moment, in [0, 1).
     eps: Added to :math:`\sqrt{v}` (or to :math:`v`), >= 0.
     weight_decay: :math:`\lambda` >= 0, a scalar or a schedule.
-    weight_decay_mask: Bool pytree (or prefix, or callable) of the leaves that
-      get decay; None: all. Every leaf gets the ratio.
+    <shared args: weight_decay_mask trust_ratio_mask max_grad_norm>
+    <shared args: layer_axes axis_name>
     bias_correction: Multiply the step by :math:`\sqrt{c_2}/c_1`.
-    max_grad_norm: Global gradient-norm clip (> 0), or None.
     max_coeff: Upper bound of the ratio.
     min_coeff: Lower bound of the ratio, ``0 <= min_coeff <= max_coeff``.
     eps_inside_sqrt: Put ``eps`` under the square root.
-    layer_axes: The axes of stacked leaves that index layers (scanned
-      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
-      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
-      a callable ``params -> such a tree``. Norms reduce over the other
-      axes; the ratios (and those in the state) have the layer axes' shape.
-    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
-      (a name or tuple of names for every leaf, or a per-leaf pytree): the
-      trust ratio's squared norms and the ``max_grad_norm`` global norm are
-      summed over them, as in :func:`lamb_optax.lamb`.
 
   Returns:
-    A :class:`optax.GradientTransformation` object.
+    A :class:`optax.GradientTransformationExtraArgs` object.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp
+    >>> import lamb_optax
     >>> from lamb_optax import presets
-    >>> def f(x): return jnp.sum(x ** 2)
-    >>> opt = presets.deepspeed(learning_rate=0.1)
     >>> params = jnp.array([1., 2., 3.])
-    >>> state = opt.init(params)
-    >>> for _ in range(3):
-    ...   updates, state = opt.update(jax.grad(f)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print(f"{f(params):.3f}")
-    12.166
+    >>> opt = presets.deepspeed(learning_rate=0.1)
+    >>> updates, _ = opt.update(2 * params, opt.init(params), params)
+    >>> print(f"{jnp.linalg.norm(updates):.4f}")  # 0.32 * lr * ||x||
+    0.1183
 
   References:
-    microsoft/DeepSpeed, ``deepspeed/ops/lamb/fused_lamb.py`` and
-    ``csrc/lamb/fused_lamb_cuda_kernel.cu``.
+    microsoft/DeepSpeed, ``deepspeed/ops/lamb/fused_lamb.py``.
 
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  _check_common(learning_rate, eps, weight_decay, max_grad_norm)
+  _check_common(learning_rate, b1, b2, eps, weight_decay, max_grad_norm,
+                bias_correction=bias_correction,
+                eps_inside_sqrt=eps_inside_sqrt)
   validation.check_non_negative("max_coeff", max_coeff)
   validation.check_non_negative("min_coeff", min_coeff)
   validation.check_ordered("min_coeff", min_coeff, "max_coeff", max_coeff)
-  validation.check_bool("bias_correction", bias_correction)
-  validation.check_bool("eps_inside_sqrt", eps_inside_sqrt)
-  parts = []
-  if max_grad_norm is not None:
-    parts.append(clipping.clip_by_global_norm(
-        max_grad_norm, axis_name, norm_offset=1e-6))
-  if eps_inside_sqrt:
-    adam_tx = adam_lib.scale_by_adam(b1=b1, b2=b2, eps=0.0, eps_root=eps,
-                                 bias_correction=False)
-  else:
-    adam_tx = adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps,
-                                     bias_correction=False)
-  parts += [
-      adam_tx,
-      optax.add_decayed_weights(weight_decay, weight_decay_mask),
-      _scale_by_peer_trust_ratio(options=trust_ratio.TrustRatioOptions(
-          trust_ratio_bounds=(min_coeff, max_coeff), bound_fallback=False),
-                                 layer_axes=layer_axes, axis_name=axis_name),
-  ]
-  if bias_correction:
-    parts.append(_scale_by_bias_correction_factor(b1, b2))
-  parts.append(optax.scale_by_learning_rate(learning_rate))
-  return _finish(optax.chain(*parts), name="deepspeed",
-                 weight_decay_mask=weight_decay_mask)
+  options = TrustRatioOptions(trust_ratio_bounds=(min_coeff, max_coeff),
+                              bound_fallback=False)
+
+  def build(specs):
+    return optax.chain(
+        *checked.clip(max_grad_norm, specs, norm_offset=1e-6),
+        (_adam(b1, b2, 0.0, eps_root=eps, bias_correction=False)
+         if eps_inside_sqrt else
+         _adam(b1, b2, eps, bias_correction=False)),
+        optax.add_decayed_weights(
+            weight_decay, checked.decay_mask(specs, weight_decay_mask)),
+        _trust_ratio(specs, options),
+        *([_bias_correction_factor(b1, b2)] if bias_correction else []),
+        optax.scale_by_learning_rate(learning_rate),
+    )
+
+  return checked.alias("deepspeed", build, adapt_mask=trust_ratio_mask,
+                 decay_mask=weight_decay_mask, layer_axes=layer_axes,
+                 axis_name=axis_name)
 
 
+@docstrings.with_shared_args
 def tensorflow(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
@@ -692,33 +492,27 @@ def tensorflow(
     eps: float = 1e-6,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     *,
-    exclude_from_weight_decay: Optional[Sequence[str]] = None,
-    exclude_from_layer_adaptation: Optional[Sequence[str]] = None,
+    weight_decay_mask: validation.MaskArg = None,
+    trust_ratio_mask: validation.MaskArg = None,
+    max_grad_norm: Optional[float] = None,
     layer_axes: layers.LayerAxesArg = None,
     axis_name: layers.AxisNameArg = None,
-) -> optax.GradientTransformation:
+    exclude_from_weight_decay: Optional[Sequence[str]] = None,
+    exclude_from_layer_adaptation: Optional[Sequence[str]] = None,
+) -> optax.GradientTransformationExtraArgs:
   r"""TensorFlow's LAMB: ``tfa.optimizers.LAMB`` and tf-models' ``LAMB``.
 
-  .. math::
-
-    m_t &= \beta_1 m_{t-1} + (1-\beta_1) g, \quad
-    v_t = \beta_2 v_{t-1} + (1-\beta_2) g^2, \\
-    u &= \frac{m_t/(1-\beta_1^t)}{\sqrt{v_t/(1-\beta_2^t)} + \epsilon}
-      + \lambda x \quad \text{(unless excluded from weight decay)}, \\
-    r &= \|x\|/\|u\| \quad \text{(1 if excluded from layer adaptation, or
-      if a norm is 0)}, \\
-    x &\leftarrow x - \eta\, r\, u.
-
-  This is Algorithm 2 with :math:`\phi` the identity; what TF adds is how
-  layers are excluded: ``exclude_from_weight_decay`` and
-  ``exclude_from_layer_adaptation`` are lists of regexes, and a leaf is
-  excluded when any of them matches (:func:`re.search`) its '/'-joined path,
-  e.g. ``'encoder/layer_0/attention/kernel'`` (TF matches the variable name;
-  see :func:`lamb_optax.masks.exclude_paths`). As in TF, an empty or None
-  ``exclude_from_layer_adaptation`` means "the weight-decay list". Defaults
-  are TF's (``weight_decay_rate`` there). Keras' ``clipnorm`` is not part of
-  the preset: chain :func:`optax.clip_by_global_norm` or
-  :func:`optax.clip_by_block_rms`-style clipping in front if you used it.
+  Algorithm 2 with :math:`\phi` the identity: a call of
+  :func:`lamb_optax.lamb`. What TF adds is how layers are excluded:
+  ``exclude_from_weight_decay`` and ``exclude_from_layer_adaptation`` are
+  lists of regexes, and a leaf is excluded when one matches
+  (:func:`re.search`) its '/'-joined path, e.g.
+  ``'encoder/layer_0/attention/kernel'`` (see
+  :func:`lamb_optax.masks.exclude_paths`). An empty or None layer-adaptation
+  list means the weight-decay list, as in TF; so does
+  ``trust_ratio_mask=None`` when the masks are given directly. Defaults are
+  TF's (``weight_decay_rate`` there); Keras' ``global_clipnorm`` is
+  ``max_grad_norm``.
 
   Args:
     learning_rate: :math:`\eta`, a scalar or an optax schedule.
@@ -726,65 +520,63 @@ def tensorflow(
     b2: Decay rate of the second moment, in [0, 1).
     eps: Added to :math:`\sqrt{\hat v}`, >= 0 (TF replaces 0 by 1e-7).
     weight_decay: :math:`\lambda` >= 0, a scalar or a schedule.
-    exclude_from_weight_decay: None or a list of regex strings.
-    exclude_from_layer_adaptation: None or a list of regex strings; empty
-      or None: ``exclude_from_weight_decay``.
-    layer_axes: The axes of stacked leaves that index layers (scanned
-      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
-      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
-      a callable ``params -> such a tree``. Norms reduce over the other
-      axes; the ratios (and those in the state) have the layer axes' shape.
-    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
-      (a name or tuple of names for every leaf, or a per-leaf pytree): the
-      trust ratio's squared norms are summed over them, as in
-      :func:`lamb_optax.lamb`.
+    <shared args: weight_decay_mask>
+    trust_ratio_mask: The same forms: the leaves that get the trust ratio;
+      the others take :math:`r = 1`. None: ``weight_decay_mask`` (TF's rule).
+    <shared args: max_grad_norm layer_axes axis_name>
+    exclude_from_weight_decay: None or a list of regex strings: TF's way of
+      giving ``weight_decay_mask`` (pass one of the two).
+    exclude_from_layer_adaptation: None or a list of regex strings: TF's way
+      of giving ``trust_ratio_mask`` (pass one of the two).
 
   Returns:
-    A :class:`optax.GradientTransformation` object.
+    A :class:`optax.GradientTransformationExtraArgs` object.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp
+    >>> import lamb_optax
     >>> from lamb_optax import presets
-    >>> def loss(p):
-    ...   return jnp.sum(p['dense']['kernel'] ** 2) + p['dense']['bias'] ** 2
+    >>> params = {'dense': {'kernel': jnp.array([1., 2.]), 'bias': jnp.ones(1)}}
     >>> opt = presets.tensorflow(learning_rate=0.1, weight_decay=0.01,
     ...                          exclude_from_weight_decay=['bias'])
-    >>> params = {'dense': {'kernel': jnp.array([1., 2.]),
-    ...                     'bias': jnp.array(3.)}}
-    >>> state = opt.init(params)
-    >>> for _ in range(3):
-    ...   updates, state = opt.update(jax.grad(loss)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print(f"{loss(params):.3f}")
-    10.070
+    >>> _, state = opt.update(params, opt.init(params), params)
+    >>> print(lamb_optax.trust_ratios(state)['dense']['bias'])
+    1.0
 
   References:
-    tensorflow/addons, ``tensorflow_addons/optimizers/lamb.py``;
-    tensorflow/models, ``official/modeling/optimization/lamb.py``.
+    tensorflow/addons, ``optimizers/lamb.py``; tensorflow/models,
+    ``official/modeling/optimization/lamb.py``.
 
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  _check_common(learning_rate, eps, weight_decay)
-  wd_patterns = validation.check_patterns("exclude_from_weight_decay",
-                                exclude_from_weight_decay)
-  la_patterns = validation.check_patterns("exclude_from_layer_adaptation",
-                                exclude_from_layer_adaptation)
-  if not la_patterns:
-    la_patterns = wd_patterns
-  wd_mask = masks.exclude_paths(wd_patterns) if wd_patterns else None
-  la_mask = masks.exclude_paths(la_patterns) if la_patterns else None
-  chain = optax.chain(
-      adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps),
-      optax.add_decayed_weights(weight_decay, wd_mask),
-      trust_ratio.scale_by_trust_ratio(mask=la_mask, layer_axes=layer_axes,
-                                       axis_name=axis_name),
-      optax.scale_by_learning_rate(learning_rate),
-  )
-  return _finish(chain, name="tensorflow", weight_decay_mask=wd_mask,
-                 trust_ratio_mask=la_mask)
+  weight_decay_mask = _tf_mask(
+      "exclude_from_weight_decay", exclude_from_weight_decay,
+      "weight_decay_mask", weight_decay_mask)
+  trust_ratio_mask = _tf_mask(
+      "exclude_from_layer_adaptation", exclude_from_layer_adaptation,
+      "trust_ratio_mask", trust_ratio_mask)
+  if trust_ratio_mask is None:  # TF: the weight-decay exclusions.
+    trust_ratio_mask = weight_decay_mask
+  return lamb_lib.lamb(
+      learning_rate, b1, b2, eps, weight_decay=weight_decay,
+      weight_decay_mask=weight_decay_mask, trust_ratio_mask=trust_ratio_mask,
+      max_grad_norm=max_grad_norm, layer_axes=layer_axes,
+      axis_name=axis_name)
 
 
+def _tf_mask(patterns_name: str, patterns: Any, mask_name: str,
+             mask: Any) -> Any:
+  """A mask from TF's exclusion regexes, or the mask given (not both)."""
+  if not validation.check_patterns(patterns_name, patterns):
+    return mask
+  if mask is not None:
+    raise ValueError(f"Pass either `{patterns_name}` (TF's regexes) or "
+                     f"`{mask_name}`, not both.")
+  return masks.exclude_paths(list(patterns))
+
+
+@docstrings.with_shared_args
 def keras(
     learning_rate: optax.ScalarOrSchedule = 1e-3,
     b1: float = 0.9,
@@ -793,10 +585,11 @@ def keras(
     weight_decay: Optional[optax.ScalarOrSchedule] = None,
     *,
     weight_decay_mask: validation.MaskArg = None,
+    trust_ratio_mask: validation.MaskArg = None,
     max_grad_norm: Optional[float] = None,
     layer_axes: layers.LayerAxesArg = None,
     axis_name: layers.AxisNameArg = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
   r"""Keras 3's LAMB: ``keras.optimizers.Lamb``.
 
   With :math:`G` the global gradient norm (``global_clipnorm``) and
@@ -813,17 +606,10 @@ def keras(
     r &= \|x'\|/\|u\| \quad (1 \text{ if a norm is } 0), \\
     x &\leftarrow x' - \eta\, r\, u.
 
-  How it differs from Algorithm 2: the decay is decoupled (AdamW-style,
-  scaled by :math:`\eta` but not by :math:`r`) and is *not* part of
-  :math:`u`, so it neither enters :math:`\|u\|` nor is rescaled; the ratio
-  uses the already decayed :math:`\|x'\|`. ``eps`` defaults to 1e-7
-  (Keras' ``epsilon``). Defaults are Keras 3's
-  (``learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7,
-  weight_decay=None, global_clipnorm=None``); Keras'
-  ``exclude_from_weight_decay(var_names=[...])`` (regexes searched in the
-  variable path) is ``weight_decay_mask=lamb_optax.masks.exclude_paths(...)``.
-  Keras' per-variable ``clipnorm``/``clipvalue`` and EMA are not part of the
-  preset.
+  How it differs from Algorithm 2: the decay is decoupled (scaled by
+  :math:`\eta`, not by :math:`r`) and not part of :math:`u`; the ratio uses
+  the decayed :math:`\|x'\|`. Defaults are Keras 3's (``epsilon=1e-7``,
+  ``weight_decay=None``); ``max_grad_norm`` is its ``global_clipnorm``.
 
   Args:
     learning_rate: :math:`\eta`, a scalar or an optax schedule.
@@ -832,59 +618,45 @@ def keras(
     eps: Added to :math:`\sqrt{\hat v}`, >= 0.
     weight_decay: None (no decay) or :math:`\lambda` >= 0, a scalar or a
       schedule.
-    weight_decay_mask: Bool pytree (or prefix, or callable) of the leaves that
-      get decay; None: all. Every leaf gets the ratio.
-    max_grad_norm: Keras' ``global_clipnorm`` (> 0), or None.
-    layer_axes: The axes of stacked leaves that index layers (scanned
-      models), as in :func:`lamb_optax.lamb`: None (a layer is a leaf), an
-      int or tuple of ints for every leaf, a per-leaf pytree (or prefix), or
-      a callable ``params -> such a tree``. Norms reduce over the other
-      axes; the ratios (and those in the state) have the layer axes' shape.
-    axis_name: Under ``shard_map``, the mesh axes each leaf is split along
-      (a name or tuple of names for every leaf, or a per-leaf pytree): the
-      trust ratio's squared norms and the ``max_grad_norm`` global norm are
-      summed over them, as in :func:`lamb_optax.lamb`.
+    <shared args: weight_decay_mask trust_ratio_mask max_grad_norm>
+    <shared args: layer_axes axis_name>
 
   Returns:
-    A :class:`optax.GradientTransformation` object.
+    A :class:`optax.GradientTransformationExtraArgs` object.
 
   Examples:
-    >>> import jax, jax.numpy as jnp, optax
+    >>> import jax.numpy as jnp
+    >>> import lamb_optax
     >>> from lamb_optax import presets
-    >>> def f(x): return jnp.sum(x ** 2)
-    >>> opt = presets.keras(learning_rate=0.1, weight_decay=0.1)
     >>> params = jnp.array([1., 2., 3.])
-    >>> state = opt.init(params)
-    >>> for _ in range(3):
-    ...   updates, state = opt.update(jax.grad(f)(params), state, params)
-    ...   params = optax.apply_updates(params, updates)
-    >>> print(f"{f(params):.3f}")
-    7.477
+    >>> opt = presets.keras(learning_rate=0.1, weight_decay=0.1)
+    >>> updates, _ = opt.update(2 * params, opt.init(params), params)
+    >>> print(f"{jnp.linalg.norm(updates):.4f}")  # -lr (r u + wd x)
+    0.4053
 
   References:
-    keras-team/keras, ``keras/src/optimizers/lamb.py`` and
-    ``keras/src/optimizers/base_optimizer.py`` (``_apply_weight_decay``).
+    keras-team/keras, ``keras/src/optimizers/lamb.py``.
 
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  _check_common(learning_rate, eps, weight_decay, max_grad_norm)
-  parts = []
-  if max_grad_norm is not None:
-    parts.append(clipping.clip_by_global_norm(max_grad_norm, axis_name))
-  parts.append(adam_lib.scale_by_adam(b1=b1, b2=b2, eps=eps))
-  if weight_decay is None:
-    parts += [trust_ratio.scale_by_trust_ratio(layer_axes=layer_axes,
-                                               axis_name=axis_name),
-              optax.scale_by_learning_rate(learning_rate)]
-  else:
-    parts += [
-        _scale_by_peer_trust_ratio(
-            decoupled_decay=(learning_rate, weight_decay, weight_decay_mask),
-            layer_axes=layer_axes, axis_name=axis_name),
+  _check_common(learning_rate, b1, b2, eps, weight_decay, max_grad_norm)
+  decoupled = weight_decay is not None
+  options = TrustRatioOptions(
+      decoupled_decay=(learning_rate, weight_decay) if decoupled else None)
+
+  def build(specs):
+    return optax.chain(
+        *checked.clip(max_grad_norm, specs),
+        _adam(b1, b2, eps),
+        _trust_ratio(specs, options),
+        # -lr * (r u + wd x): the decay outside the ratio, scaled by lr.
+        *([optax.add_decayed_weights(
+            weight_decay, checked.decay_mask(specs, weight_decay_mask))]
+          if decoupled else []),
         optax.scale_by_learning_rate(learning_rate),
-        _add_decoupled_weight_decay(learning_rate, weight_decay,
-                                    weight_decay_mask),
-    ]
-  return _finish(optax.chain(*parts), name="keras",
-                 weight_decay_mask=weight_decay_mask)
+    )
+
+  return checked.alias("keras", build, adapt_mask=trust_ratio_mask,
+                 decay_mask=weight_decay_mask, layer_axes=layer_axes,
+                 axis_name=axis_name)

@@ -45,50 +45,10 @@ _FRACTION_TOLERANCE = 1e-6
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
-  """Returns ``value`` as an int, or raises naming ``name``."""
-  if (isinstance(value, (bool, np.bool_))
-      or not isinstance(value, numbers.Integral)):
-    raise TypeError(
-        f"`{name}` must be an int (a number of steps, examples or tokens), "
-        f"got {type(value).__name__} {value!r}.")
-  if value < minimum:
-    raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}.")
-  return int(value)
-
-
-def _check_real(name: str, value: Any, *, positive: bool) -> float:
-  """Returns ``value`` as a finite float (> 0 or >= 0), or raises."""
-  if callable(value) or isinstance(value, jax.core.Tracer):
-    raise TypeError(
-        f"`{name}` must be a concrete real number, got {type(value).__name__} "
-        f"{value!r}.")
-  if positive:
-    validation.check_positive(name, value)
-  else:
-    validation.check_non_negative(name, value)
-  value = float(value)
-  if not math.isfinite(value):
-    raise ValueError(f"`{name}` must be finite, got {value!r}.")
-  return value
-
-
-def _check_sequence(name: str, value: Any) -> list[Any]:
-  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-    raise TypeError(
-        f"`{name}` must be a sequence (list or tuple) with one entry per "
-        f"phase, got {type(value).__name__} {value!r}.")
-  if not value:
-    raise ValueError(f"`{name}` must have at least one entry, got {value!r}.")
-  return list(value)
-
-
-def _check_same_length(**sequences: list[Any]) -> None:
-  lengths = {name: len(seq) for name, seq in sequences.items()}
-  if len(set(lengths.values())) > 1:
-    shown = ", ".join(f"{name} has {n}" for name, n in lengths.items())
-    raise ValueError(
-        f"One entry per phase: the sequences must have the same length, but "
-        f"{shown}.")
+  """A number of steps, examples or tokens: an int >= ``minimum``."""
+  return validation.check_int(
+      name, value, minimum,
+      expected="an int (a number of steps, examples or tokens)")
 
 
 def _exact(value: Any) -> Fraction:
@@ -103,10 +63,10 @@ def _exact(value: Any) -> Fraction:
 
 def _check_fractions(value: Any) -> list[Fraction]:
   """Positive fractions summing to 1, as exact weights summing to exactly 1."""
-  items = _check_sequence("fractions", value)
+  items = validation.check_sequence("fractions", value)
   weights = []
   for i, f in enumerate(items):
-    _check_real(f"fractions[{i}]", f, positive=True)
+    validation.check_real(f"fractions[{i}]", f, positive=True)
     weights.append(_exact(f))
   total = sum(weights)
   if abs(float(total) - 1.0) > _FRACTION_TOLERANCE:
@@ -128,9 +88,9 @@ def _warmup_polynomial_decay(peak_value, warmup_steps, total_steps, power,
                              end_value, where="", power_name="power"):
   """Validates (naming arguments with the suffix ``where``) and builds."""
   peak_name = f"peak_values{where}" if where else "peak_value"
-  peak_value = _check_real(peak_name, peak_value, positive=False)
-  end_value = _check_real("end_value", end_value, positive=False)
-  power = _check_real(power_name, power, positive=True)
+  peak_value = validation.check_real(peak_name, peak_value, positive=False)
+  end_value = validation.check_real("end_value", end_value, positive=False)
+  power = validation.check_real(power_name, power, positive=True)
   warmup_steps = _check_int(f"warmup_steps{where}", warmup_steps, 0)
   total_name = f"phase_steps{where}" if where else "total_steps"
   total_steps = _check_int(total_name, total_steps, 1)
@@ -298,8 +258,9 @@ def legw_config(
     You et al., `Large-Batch Training for LSTM and Beyond
     <https://arxiv.org/abs/1901.08256>`_, SC 2019 (LEGW).
   """
-  base_learning_rate = _check_real("base_learning_rate", base_learning_rate,
-                                   positive=True)
+  base_learning_rate = validation.check_real("base_learning_rate",
+                                             base_learning_rate,
+                                             positive=True)
   base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
   base_warmup_steps = _check_int("base_warmup_steps", base_warmup_steps, 0)
   base_total_steps = _check_int("base_total_steps", base_total_steps, 1)
@@ -439,11 +400,12 @@ def mixed_batch(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020, Section 4.1.
   """
-  peak_values = _check_sequence("peak_values", peak_values)
-  warmup_steps = _check_sequence("warmup_steps", warmup_steps)
-  phase_steps = _check_sequence("phase_steps", phase_steps)
-  _check_same_length(peak_values=peak_values, warmup_steps=warmup_steps,
-                     phase_steps=phase_steps)
+  peak_values = validation.check_sequence("peak_values", peak_values)
+  warmup_steps = validation.check_sequence("warmup_steps", warmup_steps)
+  phase_steps = validation.check_sequence("phase_steps", phase_steps)
+  validation.check_same_length(peak_values=peak_values,
+                               warmup_steps=warmup_steps,
+                               phase_steps=phase_steps)
   phases = [
       _warmup_polynomial_decay(peak, warmup, steps, power, end_value,
                                where=f"[{i}]")
@@ -558,13 +520,14 @@ def phase_steps_from_epochs(
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
   weights = _check_fractions(fractions)
-  _check_real("epochs", epochs, positive=True)
+  validation.check_real("epochs", epochs, positive=True)
   epochs = _exact(epochs)
   num_examples = _check_int("num_examples", num_examples, 1)
   batch_sizes = [
       _check_int(f"batch_sizes[{i}]", b, 1)
-      for i, b in enumerate(_check_sequence("batch_sizes", batch_sizes))]
-  _check_same_length(batch_sizes=batch_sizes, fractions=weights)
+      for i, b in enumerate(
+          validation.check_sequence("batch_sizes", batch_sizes))]
+  validation.check_same_length(batch_sizes=batch_sizes, fractions=weights)
   return _phase_steps(epochs * num_examples, batch_sizes, weights)
 
 
@@ -607,16 +570,18 @@ def phase_steps_from_tokens(
     (6438, 358)
   """
   weights = _check_fractions(fractions)
-  _check_real("total_tokens", total_tokens, positive=True)
+  validation.check_real("total_tokens", total_tokens, positive=True)
   batch_sizes = [
       _check_int(f"batch_sizes[{i}]", b, 1)
-      for i, b in enumerate(_check_sequence("batch_sizes", batch_sizes))]
+      for i, b in enumerate(
+          validation.check_sequence("batch_sizes", batch_sizes))]
   sequence_lengths = [
       _check_int(f"sequence_lengths[{i}]", n, 1)
-      for i, n in enumerate(_check_sequence("sequence_lengths",
+      for i, n in enumerate(validation.check_sequence("sequence_lengths",
                                             sequence_lengths))]
-  _check_same_length(batch_sizes=batch_sizes,
-                     sequence_lengths=sequence_lengths, fractions=weights)
+  validation.check_same_length(batch_sizes=batch_sizes,
+                               sequence_lengths=sequence_lengths,
+                               fractions=weights)
   per_step = [b * n for b, n in zip(batch_sizes, sequence_lengths)]
   return _phase_steps(_exact(total_tokens), per_step, weights)
 
@@ -630,8 +595,9 @@ def _scaled(base_learning_rate, factor):
     def schedule(count):
       return factor * base_learning_rate(count)
     return schedule
-  return factor * _check_real("base_learning_rate", base_learning_rate,
-                              positive=False)
+  return factor * validation.check_real("base_learning_rate",
+                                        base_learning_rate,
+                                        positive=False)
 
 
 def sqrt_scaled(

@@ -6,11 +6,13 @@ choose is where the state lives. :func:`state_shardings` places every state
 leaf that mirrors a parameter (Adam's ``mu``/``nu``, LARS' momentum) like that
 parameter (FSDP, tensor parallelism), optionally splits it further over a
 data-parallel axis (ZeRO-1), and replicates the rest (step counts, trust
-ratios).
+ratios), and places a per-layer trust-ratio array like the layer axes of its
+parameter.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Optional
 
 import jax
@@ -32,12 +34,16 @@ def state_shardings(
 
   The state's shapes come from :func:`jax.eval_shape` (nothing is computed or
   allocated). Every subtree of the state that has the params' structure (such
-  as ``mu``, ``nu`` or LARS' momentum; leaves masked out with
-  :class:`optax.MaskedNode` are allowed) gives each leaf whose shape equals
-  its parameter's the parameter's sharding, so moments are sharded exactly
-  like the params (FSDP over a data axis, tensor parallelism over a model
-  axis). Every other leaf (step counts, per-layer trust ratios, whose shapes
-  are those of the layer axes) is replicated.
+  as ``mu``, ``nu``, LARS' momentum or the trust ratios; leaves masked out
+  with :class:`optax.MaskedNode` are allowed) gives each leaf whose shape
+  equals its parameter's the parameter's sharding, so moments are sharded
+  exactly like the params (FSDP over a data axis, tensor parallelism over a
+  model axis). A leaf of such a subtree whose shape is that of some axes of
+  its parameter (the per-layer trust ratios of a leaf with ``layer_axes``)
+  gets the parameter's sharding of those axes, so ratios of layers split
+  over a mesh axis (pipeline stages) are split the same way; when its shape
+  matches several choices of axes that shard differently, it is replicated.
+  Every other leaf (step counts, scalar ratios) is replicated.
 
   With ``zero_axis`` (ZeRO-1: replicated params, partitioned optimizer
   state), each parameter-shaped state leaf that is not already split over
@@ -90,6 +96,7 @@ def state_shardings(
       raise ValueError(
           "`param_shardings` must all use one mesh; got meshes with axes "
           f"{dict(mesh.shape)} and {dict(sharding.mesh.shape)}.")
+  param_shardings = list(flat_shardings)
   if zero_axis is not None:
     if not isinstance(zero_axis, str):
       raise TypeError(f"`zero_axis` must be a mesh axis name (str) or None, "
@@ -117,13 +124,32 @@ def state_shardings(
       if parts is not None:
         return treedef.unflatten([
             part if not _is_array(part)  # A masked-out leaf.
-            else sharding if part.shape == param.shape else replicated
-            for part, param, sharding in zip(parts, flat_params,
-                                             flat_shardings)])
+            else sharding if part.shape == param.shape
+            else _of_axes(part.shape, param.shape, param_sharding)
+            for part, param, sharding, param_sharding in zip(
+                parts, flat_params, flat_shardings, param_shardings)])
     children, node_def = jax.tree.flatten(node, is_leaf=lambda x: x is not node)
     return node_def.unflatten([place(child) for child in children])
 
   return place(state_shape)
+
+
+def _of_axes(shape: tuple[int, ...], param_shape: tuple[int, ...],
+             sharding: NamedSharding) -> NamedSharding:
+  """``sharding`` restricted to the axes of ``param_shape`` that ``shape``
+  is made of (in order), or replicated if no choice, or several that shard
+  differently, match."""
+  entries = (list(sharding.spec)
+             + [None] * (len(param_shape) - len(sharding.spec)))
+  choices = {tuple(entries[i] for i in axes)
+             for axes in itertools.combinations(range(len(param_shape)),
+                                                len(shape))
+             if tuple(param_shape[i] for i in axes) == tuple(shape)}
+  restricted = list(choices.pop()) if len(choices) == 1 else []
+  while restricted and restricted[-1] is None:
+    restricted.pop()
+  return NamedSharding(sharding.mesh, PartitionSpec(*restricted),
+                       memory_kind=sharding.memory_kind)
 
 
 def _is_array(x: Any) -> bool:

@@ -10,13 +10,16 @@ from lamb_optax._src import trust_ratio
 
 
 def _is_trust_state(x: Any) -> bool:
-  return isinstance(x, trust_ratio.ScaleByTrustRatioState)
+  return isinstance(x, (trust_ratio.ScaleByTrustRatioState,
+                        trust_ratio.ScheduledTrustRatioState))
 
 
 def trust_ratios(opt_state: Any, *, index: Optional[int] = None) -> Any:
   """The float32 trust ratios of the last update, shaped like the params.
 
-  Finds the :class:`ScaleByTrustRatioState` wherever it sits in ``opt_state``:
+  Finds the :class:`ScaleByTrustRatioState` (or a preset's
+  :class:`lamb_optax.presets.ScheduledTrustRatioState`) wherever it sits in
+  ``opt_state``:
   inside :func:`optax.chain`, :func:`optax.named_chain`,
   :func:`optax.inject_hyperparams`, :class:`optax.MultiSteps`,
   :func:`optax.masked`, :func:`optax.apply_if_finite` or

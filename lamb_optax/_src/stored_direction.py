@@ -1,4 +1,4 @@
-r"""The direction :math:`u` kept in the optimizer state: LAMB's fast path on CPU.
+r"""The direction :math:`u` kept in the optimizer state: LAMB's CPU fast path.
 
 LAMB reads :math:`u` twice, for :math:`\|u\|` and for the step
 :math:`r\,u`. XLA does not recompute an expensive elementwise expression for
@@ -18,8 +18,6 @@ float32 parameter). Nothing here changes what is computed: with or without
 the buffer the updates are the same numbers.
 """
 
-from __future__ import annotations
-
 from typing import Any, NamedTuple
 
 import jax
@@ -28,24 +26,23 @@ import optax
 
 from lamb_optax._src import numerics
 from lamb_optax._src import prefix
-from lamb_optax._src import validation
 
 
 class StoredDirectionState(NamedTuple):
-  """The last update that passed through :func:`store_in_state`.
+  """The direction :math:`u` that ``lamb(..., store_direction=True)`` keeps
+  in its state.
 
   Attributes:
     direction: A params-shaped tree: for each stored leaf, LAMB's :math:`u`
       of the last step in the params' compute dtype (float32 for float32,
       bfloat16 and float16 params; zeros before the first); None for leaves
-      outside the ``mask`` (their update is passed on as is).
+      outside ``trust_ratio_mask`` (their update is passed on as is).
   """
 
   direction: Any
 
 
-def store_in_state(
-    mask: validation.MaskArg = None) -> optax.GradientTransformation:
+def store_in_state(keep: Any) -> optax.GradientTransformation:
   """Passes the updates on through a params-shaped buffer of its state.
 
   The incoming updates are written into the previous buffer with an in-place
@@ -57,12 +54,16 @@ def store_in_state(
   numbers that came in; an update wider than the buffer (float64 updates of
   float32 params) is refused, naming the leaf, rather than rounded.
 
+  It is the part of :func:`lamb_optax.lamb` (``store_direction=True``) that
+  exists for the compiler, not a building block of its own, and trusts the
+  checks of that alias.
+
   Args:
-    mask: The leaves to store (a bool pytree, prefix or callable, as
-      ``trust_ratio_mask``); None stores every leaf. Only a leaf whose update
-      is read twice (by its trust ratio's norm and by its step) needs the
-      buffer: :func:`lamb_optax.lamb` passes its ``trust_ratio_mask``, so
-      leaves without a ratio cost no state and no extra kernel.
+    keep: A params-shaped tree of bools: the leaves to store. Only a leaf
+      whose update is read twice (by its trust ratio's norm and by its step)
+      needs the buffer: :func:`lamb_optax.lamb` passes its resolved
+      ``trust_ratio_mask``, so leaves without a ratio cost no state and no
+      extra kernel.
 
   Returns:
     A :class:`optax.GradientTransformation` whose state is a
@@ -70,23 +71,14 @@ def store_in_state(
   """
 
   def init_fn(params):
-    leaves, treedef = jax.tree.flatten(params)
-    keep = prefix.resolve_mask(mask, params, "mask")
-    return StoredDirectionState(direction=treedef.unflatten([
-        jnp.zeros(jnp.shape(x), numerics.compute_dtype(x.dtype)) if k
-        else None for x, k in zip(leaves, keep)]))
+    return StoredDirectionState(direction=jax.tree.map(
+        lambda x, k: (jnp.zeros(jnp.shape(x), numerics.compute_dtype(x.dtype))
+                      if k else None), params, keep))
 
   def update_fn(updates, state, params=None):
     del params
     us, treedef = jax.tree.flatten(updates)
-    try:
-      buffers = treedef.flatten_up_to(state.direction)
-    except (ValueError, TypeError):
-      validation.check_same_structure(state.direction, updates, "updates")
-      raise
-    validation.check_updates_match_params(updates, treedef.unflatten(
-        [u if b is None else b for b, u in zip(buffers, us)]))
-
+    buffers = treedef.flatten_up_to(state.direction)
     for (path, u), buffer in zip(jax.tree_util.tree_leaves_with_path(updates),
                                  buffers):
       if (buffer is not None

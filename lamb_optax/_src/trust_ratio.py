@@ -1,4 +1,4 @@
-r"""The layer-wise trust ratio of LAMB and LARS: one engine for every caller.
+r"""The layer-wise trust ratio of LAMB and LARS: one transform for every caller.
 
 Every per-leaf setting (is the ratio applied, is the leaf decayed, which axes
 index layers, which mesh axes its norm is summed over) is resolved once per
@@ -8,10 +8,9 @@ layer), its ratios (:func:`trust_ratio_from_norms`, the one ratio function)
 and its scaled update. :func:`scale_by_trust_ratio`, :func:`lamb_optax.lamb`,
 :func:`lamb_optax.lars` and every preset use it; the presets' rules (a
 run-time gate on the decay, ratio bounds that leave the fallback ``r = 1``
-alone, traced bounds, the norm of decoupled-decayed params) are options.
+alone, traced bounds, the norm of decoupled-decayed params) are options of
+:class:`TrustRatioOptions`.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import functools
@@ -29,91 +28,85 @@ from lamb_optax._src import prefix
 from lamb_optax._src import validation
 
 # Leaves of at most this many elements have their norms reduced together with
-# the other leaves of their shape (one stacked reduction instead of one per
-# leaf): on BERT-base the biases and LayerNorm scales, 243 of 391 leaves.
+# other leaves of their shape, CHUNK_SIZE at a time (one stacked reduction
+# instead of three kernels per leaf): on BERT-base the biases and LayerNorm
+# scales, 243 of 391 leaves. Within a chunk each leaf reads its ratio at its
+# position, a constant of its step kernel: leaves at the same position of
+# chunks of one shape share that kernel, so chunks bound the distinct kernels
+# XLA:CPU compiles (docs/performance.md, "Compile time").
 SMALL_LEAF_SIZE = 4096
+CHUNK_SIZE = 32
 
 
 class ScaleByTrustRatioState(NamedTuple):
   """State of :func:`scale_by_trust_ratio`: the ratios of the last update.
 
-  Read them with :func:`lamb_optax.trust_ratios` (or the
-  :attr:`trust_ratios` property), a params-shaped tree. They are stored so
-  that every step kernel reads its ratio the same way:
-
   Attributes:
-    ratios: float32 vector: the ratio of every leaf that is one layer (no
-      ``layer_axes``), in the params' leaf order; 1 before the first update
-      and for leaves outside the mask. They are computed in one vector
-      operation.
-    slots: Params-shaped: for a leaf that is one layer, an int32 scalar, the
-      index of its ratio in ``ratios``; None for leaves with layer axes. The
-      index is state, not a constant of the step, so that the steps of
-      leaves of one shape are one compiled kernel.
-    layer_ratios: Params-shaped: for a leaf with layer axes, its float32
-      ratios, shaped like those axes (a separate array, so that it can be
-      sharded along a layer axis split over devices); None for the others.
+    trust_ratios: A params-shaped tree: each leaf's float32 ratio of the last
+      update, a scalar, or an array of the layer axes' shape for a leaf with
+      ``layer_axes``; 1 before the first update and for leaves outside the
+      mask. Read it as ``state.trust_ratios`` or with
+      :func:`lamb_optax.trust_ratios` from a whole optimizer state.
   """
 
-  ratios: chex.Array
-  slots: Any
-  layer_ratios: Any
+  trust_ratios: Any
 
-  @property
-  def trust_ratios(self) -> Any:
-    """The float32 ratios of the last update as a params-shaped tree: a
-    scalar per leaf, or the layer axes' shape with ``layer_axes``; 1 for
-    leaves outside the mask (shapes only, for a state from
-    :func:`jax.eval_shape`)."""
-    abstract = isinstance(self.ratios, jax.ShapeDtypeStruct)  # eval_shape
 
-    def leaf(slot, layer):
-      if slot is None:
-        return layer
-      if abstract:
-        return jax.ShapeDtypeStruct((), self.ratios.dtype)
-      return jnp.asarray(self.ratios)[slot]
-    return jax.tree.map(leaf, self.slots, self.layer_ratios,
-                        is_leaf=lambda x: x is None)
+class ScheduledTrustRatioState(NamedTuple):
+  """State of a trust ratio whose rule follows a schedule (a preset's decay
+  gate or decoupled decay with a scheduled decay or learning rate): a step
+  count, as :func:`optax.add_decayed_weights` keeps one for a scheduled
+  decay, and the ratios (see :class:`ScaleByTrustRatioState`).
+
+  Attributes:
+    count: The int32 number of updates so far.
+    trust_ratios: The params-shaped float32 ratios of the last update.
+  """
+
+  count: chex.Array
+  trust_ratios: Any
+
+
+TrustRatioState = ScaleByTrustRatioState | ScheduledTrustRatioState
 
 
 @dataclasses.dataclass(frozen=True)
 class LeafSpec:
-  """What the engine does with one leaf (a pytree leaf itself).
+  """What the trust ratio does with one leaf (a pytree leaf itself).
 
   Attributes:
     adapt: Whether the trust ratio applies (else ``r = 1``).
-    decay: Whether the leaf is decayed: the parameter norm is taken after
-      the decoupled decay when :func:`scale_updates` gets ``param_decay``.
+    decay: Whether the leaf is in the weight-decay mask.
     layer_axes: Sorted axes that index layers (``()``: the leaf is one).
     axis_names: Mesh axes the squared norms are summed over.
   """
 
   adapt: bool = True
-  decay: bool = False
+  decay: bool = True
   layer_axes: tuple[int, ...] = ()
   axis_names: tuple[str, ...] = ()
 
 
 def leaf_specs(params: Any, *, adapt_mask: Any = None,
                adapt_mask_name: str = "trust_ratio_mask",
-               decay_mask: Any = False,
+               decay_mask: Any = None,
                decay_mask_name: str = "weight_decay_mask",
+               adapt_only_decayed: bool = False,
                layer_axes: layers.LayerAxesArg = None,
                axis_name: layers.AxisNameArg = None) -> Any:
   """Resolves every per-leaf setting once: a params-shaped tree of
-  :class:`LeafSpec`. Masks are trees, prefixes or callables (None: all,
-  False: none); errors name the arguments as the public function does."""
+  :class:`LeafSpec`.
+
+  Masks are trees, prefixes or callables (None: every leaf); each is called
+  or matched once, and errors name the arguments as the public function
+  does. With ``adapt_only_decayed`` (apex, timm) a leaf gets the ratio only
+  if it is in both masks.
+  """
   treedef = jax.tree.structure(params)
-  n = treedef.num_leaves
-
-  def mask(m, name):
-    if m is False:
-      return [False] * n
-    return prefix.resolve_mask(m, params, name)
-
-  adapt = mask(adapt_mask, adapt_mask_name)
-  decay = mask(decay_mask, decay_mask_name)
+  adapt = prefix.resolve_mask(adapt_mask, params, adapt_mask_name)
+  decay = prefix.resolve_mask(decay_mask, params, decay_mask_name)
+  if adapt_only_decayed:
+    adapt = [a and d for a, d in zip(adapt, decay)]
   axes = layers.resolve_layer_axes(layer_axes, params)
   names = layers.resolve_axis_names(axis_name, params)
   return treedef.unflatten([LeafSpec(*spec) for spec in
@@ -124,6 +117,8 @@ class TrustRatioOptions(NamedTuple):
   r"""How :func:`trust_ratio_from_norms` turns norms into ratios.
 
   Attributes:
+    min_norm: Both norms are raised to at least this value first
+      (:func:`optax.scale_by_trust_ratio`'s ``min_norm``).
     trust_coefficient: :math:`\eta`, multiplies the ratio.
     eps: Added to :math:`\|u\|` in the denominator.
     param_norm_bounds: ``(lo, hi)`` of :math:`\phi` or None; the values may
@@ -131,13 +126,33 @@ class TrustRatioOptions(NamedTuple):
     trust_ratio_bounds: ``(lo, hi)`` of :math:`r` or None; may be traced.
     bound_fallback: Whether ``trust_ratio_bounds`` also clip the ``r = 1``
       of a zero norm (True; DeepSpeed leaves it at 1: False).
+    decay_gate: A weight decay (a scalar, traced or not, or a schedule of
+      the step): where its value is 0 every ratio is 1 (apex and timm adapt
+      only layers whose decay is non-zero). None: no gate.
+    decoupled_decay: ``(learning_rate, weight_decay)`` (scalars or
+      schedules), or None: on the leaves in the weight-decay mask,
+      :math:`\phi` is the norm of :math:`x - \eta_t \lambda_t x` (Keras'
+      decoupled decay, applied before the ratio).
   """
 
+  min_norm: Any = 0.0
   trust_coefficient: Any = 1.0
   eps: Any = 0.0
   param_norm_bounds: Optional[tuple[Any, Any]] = None
   trust_ratio_bounds: Optional[tuple[Any, Any]] = None
   bound_fallback: bool = True
+  decay_gate: Optional[optax.ScalarOrSchedule] = None
+  decoupled_decay: Optional[tuple[optax.ScalarOrSchedule,
+                                  optax.ScalarOrSchedule]] = None
+
+  def needs_count(self) -> bool:
+    """Whether a rule follows a schedule, so the state keeps a count."""
+    scheduled = [self.decay_gate, *(self.decoupled_decay or ())]
+    return any(callable(value) for value in scheduled)
+
+
+def _is_zero(value: Any) -> bool:
+  return isinstance(value, (int, float)) and value == 0
 
 
 def trust_ratio_from_norms(
@@ -154,7 +169,8 @@ def trust_ratio_from_norms(
     r = \eta\,\phi(\|x\|) / (\|u\| + \epsilon), \quad
     r = 1 \text{ where } \phi(\|x\|) = 0 \text{ or } \|u\| = 0,
 
-  then clipped to ``options.trust_ratio_bounds`` (the fallback 1 too unless
+  with both norms first raised to ``options.min_norm``, then :math:`r`
+  clipped to ``options.trust_ratio_bounds`` (the fallback 1 too unless
   ``bound_fallback=False``), and 1 wherever ``gate`` (a traced bool scalar:
   apex's and timm's "the decay is non-zero") is False.
 
@@ -167,6 +183,9 @@ def trust_ratio_from_norms(
   Returns:
     float32 ratios of the norms' shape.
   """
+  if not _is_zero(options.min_norm):
+    param_norm = jnp.maximum(param_norm, options.min_norm)
+    update_norm = jnp.maximum(update_norm, options.min_norm)
   phi = param_norm
   if options.param_norm_bounds is not None:
     lo, hi = options.param_norm_bounds
@@ -191,22 +210,17 @@ def layer_shape(x: chex.Array, spec: LeafSpec) -> tuple[int, ...]:
   return tuple(x.shape[i] for i in spec.layer_axes)
 
 
-def initial_state(params: Any, specs: Any) -> ScaleByTrustRatioState:
-  """The state before a step: every ratio 1, and each one-layer leaf's
-  slot."""
-  leaves, treedef = jax.tree.flatten(params)
-  slots, layer_ratios, n = [], [], 0
-  for x, spec in zip(leaves, treedef.flatten_up_to(specs)):
-    if spec.layer_axes:
-      slots.append(None)
-      layer_ratios.append(jnp.ones(layer_shape(x, spec), jnp.float32))
-    else:
-      slots.append(jnp.asarray(n, jnp.int32))
-      layer_ratios.append(None)
-      n += 1
-  return ScaleByTrustRatioState(ratios=jnp.ones((n,), jnp.float32),
-                                slots=treedef.unflatten(slots),
-                                layer_ratios=treedef.unflatten(layer_ratios))
+def initial_state(params: Any, specs: Any,
+                  options: TrustRatioOptions = TrustRatioOptions()
+                  ) -> TrustRatioState:
+  """The state before a step: every ratio 1 (and a count if needed)."""
+  ratios = jax.tree.map(
+      lambda x, spec: jnp.ones(layer_shape(x, spec), jnp.float32),
+      params, specs)
+  if options.needs_count():
+    return ScheduledTrustRatioState(count=jnp.zeros([], jnp.int32),
+                                    trust_ratios=ratios)
+  return ScaleByTrustRatioState(trust_ratios=ratios)
 
 
 def expand_ratio(ratio: chex.Array, ndim: int,
@@ -218,77 +232,93 @@ def expand_ratio(ratio: chex.Array, ndim: int,
       ratio, tuple(i for i in range(ndim) if i not in layer_axes))
 
 
-def _vector_norms(leaves: list[tuple[int, chex.Array, chex.Array, LeafSpec]]
-                  ) -> list[tuple[list[int], Any, Any]]:
-  """Squared norms of the adapted one-layer leaves, in parts.
-
-  ``leaves`` holds ``(slot, x, u, spec)`` per leaf. Returns ``(slots, x_sq,
-  u_sq)`` parts: the slots of the leaves in the part and their squared norms,
-  vectors. A leaf of more than :data:`SMALL_LEAF_SIZE` elements is a part of
-  its own; the smaller ones are stacked with the other leaves of their shape,
-  compute dtype and mesh axes and reduced together. The mesh-axis checks of
-  :func:`numerics.psum_over` run on each leaf, before it is stacked.
-  """
+def _chunks(leaves: list[tuple[int, chex.Array, chex.Array, LeafSpec]], *,
+            small: bool) -> list[list[tuple[int, chex.Array, chex.Array,
+                                            LeafSpec]]]:
+  """Leaves, ``(index, x, u, spec)`` each, in chunks of at most
+  :data:`CHUNK_SIZE` leaves whose norms can be stacked: of one shape (small
+  leaves, reduced together) or one norm dtype, compute dtype and mesh axes."""
   groups: dict[Any, list[tuple[int, chex.Array, chex.Array, LeafSpec]]] = {}
-  for slot, x, u, spec in leaves:
-    numerics.check_summable(x, spec.axis_names)
-    numerics.check_summable(u, spec.axis_names)
-    key = ((x.shape, numerics.compute_dtype(x.dtype), spec.axis_names)
-           if x.size <= SMALL_LEAF_SIZE else slot)
-    groups.setdefault(key, []).append((slot, x, u, spec))
+  for leaf in leaves:
+    _, x, u, spec = leaf
+    key = (x.shape if small else numerics.real_dtype(x.dtype),
+           numerics.compute_dtype(x.dtype), numerics.compute_dtype(u.dtype),
+           spec.axis_names)
+    groups.setdefault(key, []).append(leaf)
+  return [members[i:i + CHUNK_SIZE] for members in groups.values()
+          for i in range(0, len(members), CHUNK_SIZE)]
 
-  def norms(arrays, axis_names):
-    squared = numerics.squared_norms(
-        jnp.stack([numerics.upcast(a) for a in arrays]), (0,))
-    return jax.lax.psum(squared, axis_names) if axis_names else squared
 
-  parts = []
-  for members in groups.values():
-    slots, xs, us, specs = zip(*members)
-    parts.append((list(slots), norms(xs, specs[0].axis_names),
-                  norms(us, specs[0].axis_names)))
-  return parts
+def _unstack(vector: chex.Array) -> tuple[chex.Array, ...]:
+  """The entries of ``vector``, each a scalar of its own, from one kernel.
+
+  A compiler device, not maths: entry :math:`j` is the sum of ``vector``
+  with every other entry replaced by 0, which is exactly ``vector[j]``
+  (``inf`` and NaN included), all :math:`k` sums in one variadic reduction.
+  Were each entry sliced out instead, the slice's constant offset would land
+  in every kernel that reads it, so the step kernels of two leaves of one
+  shape would differ, and XLA:CPU compiles each distinct kernel anew
+  (docs/performance.md, "Compile time"). From this reduction every leaf's
+  step reads its ratio as a buffer of its own, and the steps of all leaves
+  of one shape are one kernel.
+  """
+  k = vector.shape[0]
+  iota = jax.lax.iota(jnp.int32, k)
+  zero = jnp.zeros((), vector.dtype)
+  return jax.lax.reduce(
+      tuple(jnp.where(iota == j, vector, zero) for j in range(k)),
+      (zero,) * k, _add_each, (0,))
+
+
+def _add_each(totals: tuple[chex.Array, ...], values: tuple[chex.Array, ...]
+              ) -> tuple[chex.Array, ...]:
+  # A module-level function, so that JAX caches the traced reduction.
+  return tuple(a + b for a, b in zip(totals, values))
+
+
+def _at(value: Any, count: Optional[chex.Array]) -> Any:
+  """A scalar or a schedule evaluated at the 0-based ``count``."""
+  return value(count) if callable(value) else value
 
 
 def scale_updates(
     updates: Any,
     params: Any,
     specs: Any,
-    state: ScaleByTrustRatioState,
     options: TrustRatioOptions = TrustRatioOptions(),
-    *,
-    gate: Optional[chex.Array] = None,
-    param_decay: Optional[chex.Array] = None,
-) -> tuple[Any, ScaleByTrustRatioState]:
-  r"""The engine: every layer's update times its trust ratio.
+    count: Optional[chex.Array] = None,
+) -> tuple[Any, Any]:
+  r"""Every layer's update times its trust ratio.
 
-  Each leaf's squared norms are reduced once (small leaves stacked by shape,
-  see :data:`SMALL_LEAF_SIZE`); the ratios of all leaves that are one layer
-  are computed in one vector operation (:func:`trust_ratio_from_norms`), and
-  each leaf's step reads its ratio from that vector at the slot its state
-  holds. Leaves with layer axes get their per-layer ratios from the same
-  function, one array per leaf.
+  Each leaf's squared norms are reduced once and its ratios come from
+  :func:`trust_ratio_from_norms`. How the work is laid out steers XLA:CPU's
+  compile time and changes no number (docs/performance.md, "Compile time"):
+  a leaf of more than :data:`SMALL_LEAF_SIZE` elements reduces its own
+  norms; the smaller ones (biases, LayerNorm scales) are reduced in chunks of
+  :data:`CHUNK_SIZE` leaves of one shape, each chunk's ratios in one vector
+  operation, of which every leaf reads its own.
 
   Args:
     updates: The incoming updates :math:`u` (the params' structure).
     params: The parameters :math:`x`.
     specs: A params-shaped tree of :class:`LeafSpec` (:func:`leaf_specs`).
-    state: The :class:`ScaleByTrustRatioState` (:func:`initial_state`),
-      whose slots place each ratio.
     options: The :class:`TrustRatioOptions` of every ratio.
-    gate: Optional traced bool scalar: where False every ratio is 1.
-    param_decay: Optional scalar :math:`s`: on leaves whose spec has
-      ``decay``, :math:`\phi` is the norm of :math:`x - s x` (Keras'
-      decoupled decay, applied before the ratio).
+    count: The 0-based step, for the options' schedules.
 
   Returns:
-    ``(scaled updates, new state)``: the updates in their dtypes, and the
-    float32 ratios of this update.
+    ``(scaled updates, ratios)``: the updates in their dtypes, and the
+    params-shaped tree of the float32 ratios of this update.
   """
   us, treedef = jax.tree.flatten(updates)
   xs = treedef.flatten_up_to(params)
   flat_specs = treedef.flatten_up_to(specs)
-  flat_slots = treedef.flatten_up_to(state.slots)
+  gate = param_decay = None
+  if options.decay_gate is not None:
+    gate = jnp.asarray(_at(options.decay_gate, count)) != 0
+  if options.decoupled_decay is not None:
+    learning_rate, weight_decay = options.decoupled_decay
+    param_decay = (jnp.asarray(_at(learning_rate, count))
+                   * jnp.asarray(_at(weight_decay, count)))
 
   def param_for_norm(x, spec):
     if param_decay is None or not spec.decay:
@@ -300,84 +330,100 @@ def scale_updates(
     return trust_ratio_from_norms(jnp.sqrt(x_sq), jnp.sqrt(u_sq), options,
                                   gate=gate)
 
-  def scale(u, ratio, layer_axes=()):
-    cdt = numerics.compute_dtype(u.dtype)
-    return (u.astype(cdt) * expand_ratio(ratio.astype(cdt), u.ndim,
-                                         layer_axes)).astype(u.dtype)
+  def stacked_norms(arrays, axis_names):
+    squared = numerics.squared_norms(
+        jnp.stack([numerics.upcast(a) for a in arrays]), (0,))
+    return jax.lax.psum(squared, axis_names) if axis_names else squared
 
-  # The vector: one ratio per leaf that is one layer, in leaf order (the
-  # slots' order); the adapted ones from their norms, the others 1.
-  one_layer = [i for i, spec in enumerate(flat_specs) if not spec.layer_axes]
-  adapted = [(slot, i) for slot, i in enumerate(one_layer)
-             if flat_specs[i].adapt]
-  parts = _vector_norms([
-      (slot, param_for_norm(xs[i], flat_specs[i]), us[i], flat_specs[i])
-      for slot, i in adapted])
-  by_dtype: dict[Any, list[Any]] = {}
-  for part in parts:
-    by_dtype.setdefault(part[1].dtype, []).append(part)
-  positions, pieces = [], []
-  for same_dtype in by_dtype.values():  # One vector operation per dtype.
-    positions += [slot for part in same_dtype for slot in part[0]]
-    pieces.append(ratio_of(jnp.concatenate([part[1] for part in same_dtype]),
-                           jnp.concatenate([part[2] for part in same_dtype])))
-  fixed = sorted(set(range(len(one_layer))) - {slot for slot, _ in adapted})
-  if fixed:
-    positions += fixed
-    pieces.append(jnp.ones((len(fixed),), jnp.float32))
-  ratios = (jnp.concatenate(pieces) if pieces
-            else jnp.ones((0,), jnp.float32))
-  if positions != sorted(positions):
-    ratios = ratios[np.argsort(positions)]
-  chex.assert_shape(ratios, (len(one_layer),))
-  chex.assert_type(ratios, jnp.float32)
-
-  out, layer_ratios = [], []
-  for u, x, spec, slot in zip(us, xs, flat_specs, flat_slots):
-    if not spec.layer_axes:
-      out.append(scale(u, jax.lax.dynamic_index_in_dim(
-          ratios, slot, keepdims=False)) if spec.adapt else u)
-      layer_ratios.append(None)
-    elif spec.adapt:
-      ratio = ratio_of(
+  ratios: list[Any] = [None] * len(us)
+  small, big = [], []
+  for i, (u, x, spec) in enumerate(zip(us, xs, flat_specs)):
+    if not spec.adapt:
+      ratios[i] = jnp.ones(layer_shape(x, spec), jnp.float32)
+    elif spec.layer_axes:
+      ratios[i] = ratio_of(
           numerics.squared_norms(param_for_norm(x, spec), spec.layer_axes,
                                  spec.axis_names),
           numerics.squared_norms(u, spec.layer_axes, spec.axis_names))
-      chex.assert_shape(ratio, layer_shape(x, spec))
-      out.append(scale(u, ratio, spec.layer_axes))
-      layer_ratios.append(ratio)
     else:
+      # The mesh-axis checks of numerics.psum_over, on each leaf.
+      numerics.check_summable(x, spec.axis_names)
+      numerics.check_summable(u, spec.axis_names)
+      leaf = (i, param_for_norm(x, spec), u, spec)
+      (small if x.size <= SMALL_LEAF_SIZE else big).append(leaf)
+  chunks = []
+  for chunk in _chunks(small, small=True):
+    indices, chunk_xs, chunk_us, chunk_specs = zip(*chunk)
+    names = chunk_specs[0].axis_names
+    if (numerics.compute_dtype(chunk_xs[0].dtype)
+        == numerics.compute_dtype(chunk_us[0].dtype)):
+      # One reduction of the x's and u's stacked together: besides saving a
+      # kernel, a stack of two or more arrays keeps XLA from recomputing a
+      # cheap last step of u (the decay) inside the reduction, so that the
+      # norm and the step read the same u, as with store_direction=True.
+      squared = stacked_norms(chunk_xs + chunk_us, names)
+      chunks.append((indices, squared[:len(indices)],
+                     squared[len(indices):]))
+    else:
+      chunks.append((indices, stacked_norms(chunk_xs, names),
+                     stacked_norms(chunk_us, names)))
+  for chunk in _chunks(big, small=False):
+    indices, chunk_xs, chunk_us, chunk_specs = zip(*chunk)
+    chunks.append((indices, *(
+        jnp.stack([numerics.squared_norms(a, (), spec.axis_names)
+                   for a, spec in zip(arrays, chunk_specs)])
+        for arrays in (chunk_xs, chunk_us))))
+  for indices, x_sq, u_sq in chunks:
+    for i, ratio in zip(indices, _unstack(ratio_of(x_sq, u_sq))):
+      ratios[i] = ratio
+
+  out = []
+  for u, x, spec, ratio in zip(us, xs, flat_specs, ratios):
+    chex.assert_shape(ratio, layer_shape(x, spec))
+    chex.assert_type(ratio, jnp.float32)
+    if not spec.adapt:
       out.append(u)
-      layer_ratios.append(jnp.ones(layer_shape(x, spec), jnp.float32))
-  return treedef.unflatten(out), ScaleByTrustRatioState(
-      ratios=ratios, slots=state.slots,
-      layer_ratios=treedef.unflatten(layer_ratios))
+      continue
+    cdt = numerics.compute_dtype(u.dtype)
+    out.append((u.astype(cdt) * expand_ratio(ratio.astype(cdt), u.ndim,
+                                             spec.layer_axes)).astype(u.dtype))
+  return treedef.unflatten(out), treedef.unflatten(ratios)
 
 
 def trust_ratio_transform(
     specs_fn: Callable[[Any], Any],
     options: TrustRatioOptions,
+    *,
+    check_inputs: bool,
 ) -> optax.GradientTransformation:
-  """The engine as a transform; ``specs_fn(params)`` gives the spec tree."""
+  """The trust ratio as a transform; ``specs_fn(params)`` gives the spec
+  tree. ``check_inputs=False`` when an alias has checked the inputs at its
+  boundary."""
 
   def init_fn(params):
-    validation.check_float_leaves(params, "params")
-    return initial_state(params, specs_fn(params))
+    if check_inputs:
+      validation.check_params(params)
+    return initial_state(params, specs_fn(params), options)
 
   def update_fn(updates, state, params=None):
-    validation.check_params_present(params, "scale_by_trust_ratio")
-    validation.check_float_leaves(params, "params")
-    validation.check_float_leaves(updates, "updates")
-    validation.check_updates_match_params(updates, params)
-    return scale_updates(updates, params, specs_fn(params), state, options)
+    if check_inputs:
+      validation.check_inputs(updates, params, "scale_by_trust_ratio")
+    if isinstance(state, ScheduledTrustRatioState):
+      scaled, ratios = scale_updates(updates, params, specs_fn(params),
+                                     options, state.count)
+      return scaled, ScheduledTrustRatioState(
+          count=optax.safe_int32_increment(state.count), trust_ratios=ratios)
+    scaled, ratios = scale_updates(updates, params, specs_fn(params), options)
+    return scaled, ScaleByTrustRatioState(trust_ratios=ratios)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
 def scale_by_trust_ratio(
-    *,
+    min_norm: float = 0.0,
     trust_coefficient: float = 1.0,
     eps: float = 0.0,
+    *,
     param_norm_bounds: Optional[tuple[float, float]] = None,
     trust_ratio_bounds: Optional[tuple[float, float]] = None,
     mask: validation.MaskArg = None,
@@ -401,17 +447,22 @@ def scale_by_trust_ratio(
   parameters still move, as in the authors' code). :math:`r` is then clipped
   to ``trust_ratio_bounds=(lo, hi)`` when given (DeepSpeed's min/max
   coefficient; ``(0, 1)`` is timm's ``trust_clip``). Layers outside ``mask``
-  get :math:`r = 1`. The transform returns :math:`r\,u`.
+  get :math:`r = 1`. The transform returns :math:`r\,u`. ``min_norm`` raises
+  both norms to at least that value first, as in
+  :func:`optax.scale_by_trust_ratio`, whose positional arguments and defaults
+  these are: with the defaults both compute the same ratios.
 
   Norms are computed in float32 (float64 for float64 leaves) from the leaf's
-  values whatever its dtype; the scaled update keeps the update's dtype and
-  the ratios are kept in the state as float32 (see
+  values whatever its dtype, and of :math:`|x|` for complex leaves (float32
+  for complex64, float64 for complex128); the scaled update keeps the
+  update's dtype and the ratios are kept in the state as float32 (see
   :func:`lamb_optax.trust_ratios`).
 
   Non-finite updates give non-finite ratios and updates; wrap the optimizer in
   :func:`optax.apply_if_finite` to skip such steps.
 
   Args:
+    min_norm: Lower bound of both norms, >= 0 (optax's ``min_norm``).
     trust_coefficient: :math:`\eta`, a multiplier of the ratio (LARS'
       "trust coefficient"; 1 in LAMB).
     eps: Added to :math:`\|u\|` in the denominator, >= 0.
@@ -441,7 +492,8 @@ def scale_by_trust_ratio(
       params.
 
   Returns:
-    A :class:`optax.GradientTransformation` object.
+    A :class:`optax.GradientTransformation` object whose state is a
+    :class:`lamb_optax.ScaleByTrustRatioState`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -460,31 +512,28 @@ def scale_by_trust_ratio(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  return trust_ratio_from_arguments(
-      mask=mask, mask_name="mask", trust_coefficient=trust_coefficient,
-      eps=eps, param_norm_bounds=param_norm_bounds,
-      trust_ratio_bounds=trust_ratio_bounds, layer_axes=layer_axes,
-      axis_name=axis_name)
+  options = check_arguments(
+      min_norm=min_norm, trust_coefficient=trust_coefficient, eps=eps,
+      param_norm_bounds=param_norm_bounds,
+      trust_ratio_bounds=trust_ratio_bounds)
+  specs_fn = functools.partial(leaf_specs, adapt_mask=mask,
+                               adapt_mask_name="mask", layer_axes=layer_axes,
+                               axis_name=axis_name)
+  return trust_ratio_transform(specs_fn, options, check_inputs=True)
 
 
-def trust_ratio_from_arguments(
-    *, mask: validation.MaskArg, mask_name: str,
-    trust_coefficient: float = 1.0, eps: float = 0.0,
-    param_norm_bounds: Optional[tuple[float, float]] = None,
-    trust_ratio_bounds: Optional[tuple[float, float]] = None,
-    layer_axes: layers.LayerAxesArg = None,
-    axis_name: layers.AxisNameArg = None) -> optax.GradientTransformation:
-  """Checks a public function's trust-ratio arguments (its mask is called
-  ``mask_name`` there) and builds the engine's transform."""
+def check_arguments(
+    *, min_norm: Any = 0.0, trust_coefficient: Any = 1.0, eps: Any = 0.0,
+    param_norm_bounds: Any = None, trust_ratio_bounds: Any = None
+) -> TrustRatioOptions:
+  """Checks a public function's trust-ratio arguments; returns them as
+  :class:`TrustRatioOptions`."""
+  validation.check_non_negative("min_norm", min_norm)
   validation.check_non_negative("trust_coefficient", trust_coefficient)
   validation.check_non_negative("eps", eps)
-  options = TrustRatioOptions(
-      trust_coefficient=trust_coefficient, eps=eps,
+  return TrustRatioOptions(
+      min_norm=min_norm, trust_coefficient=trust_coefficient, eps=eps,
       param_norm_bounds=validation.check_bounds(
           "param_norm_bounds", param_norm_bounds),
       trust_ratio_bounds=validation.check_bounds(
           "trust_ratio_bounds", trust_ratio_bounds))
-  specs_fn = functools.partial(leaf_specs, adapt_mask=mask,
-                               adapt_mask_name=mask_name,
-                               layer_axes=layer_axes, axis_name=axis_name)
-  return trust_ratio_transform(specs_fn, options)

@@ -1,9 +1,13 @@
-"""Argument and input checks shared by the transforms.
+"""Argument and input checks shared by the whole library.
 
-Construction-time checks run on plain Python numbers and concrete arrays. Values
-that are traced (``optax.inject_hyperparams`` passes hyperparameters as traced
-arrays inside ``update``) or callables (schedules) are not checked here: they
-are only known at run time.
+Every error lamb_optax raises for bad input is worded here, once: it names
+the argument and says what was expected. Construction-time checks run on plain
+Python numbers and concrete arrays. Values that are traced
+(``optax.inject_hyperparams`` passes hyperparameters as traced arrays inside
+``update``) or callables (schedules) are not checked here: they are only known
+at run time. The input checks (:func:`check_params`, :func:`check_inputs`)
+run once per call of an alias (``lamb``, ``lars``, a preset) at its boundary,
+and once per call of a building block used on its own.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -101,23 +105,35 @@ def check_bool(name: str, value: Any) -> None:
     raise TypeError(f"`{name}` must be a bool, got {value!r}.")
 
 
-def check_patterns(name: str, patterns: Any) -> Optional[list[str]]:
-  """None or a list/tuple of regex strings (TF's exclusion lists)."""
+def check_patterns(name: str, patterns: Any, *,
+                   single: bool = False) -> Optional[list[re.Pattern[str]]]:
+  """Compiles None or a list/tuple of regex strings (TF's exclusion lists).
+
+  With ``single=True`` one string is one pattern (the mask builders);
+  otherwise a plain string is refused, since TF would iterate it character
+  by character.
+  """
   if patterns is None:
     return None
+  if single and isinstance(patterns, str):
+    patterns = [patterns]
+  elif single and isinstance(patterns, Iterable) and not isinstance(
+      patterns, bytes):
+    patterns = list(patterns)
   if isinstance(patterns, (str, bytes)) or not isinstance(patterns, Sequence):
     raise TypeError(
         f"`{name}` must be None or a list of regex strings, got {patterns!r} "
         "(TF iterates a plain string character by character: pass "
         "['bias'], not 'bias').")
+  compiled = []
   for p in patterns:
     if not isinstance(p, str):
       raise TypeError(f"`{name}` must hold regex strings, got {p!r}.")
     try:
-      re.compile(p)
+      compiled.append(re.compile(p))
     except re.error as e:
       raise ValueError(f"`{name}`: invalid regex {p!r}: {e}") from None
-  return list(patterns)
+  return compiled
 
 
 def check_ordered(lo_name: str, lo: Any, hi_name: str, hi: Any) -> None:
@@ -159,16 +175,17 @@ def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
         f"`{name}` must be one of {list(choices)!r}, got {value!r}.")
 
 
-def check_float_leaves(tree: Any, name: str) -> None:
-  """Raises TypeError naming the first non-floating leaf of ``tree``."""
+def check_inexact_leaves(tree: Any, name: str) -> None:
+  """Raises TypeError naming the first leaf of ``tree`` that is not a
+  floating-point or complex array."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     dtype = getattr(leaf, "dtype", None)
-    if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    if dtype is None or not jnp.issubdtype(dtype, jnp.inexact):
       shown = dtype if dtype is not None else type(leaf).__name__
       raise TypeError(
-          f"`{name}` leaf '{prefix.path_str(path) or '<root>'}' has type {shown}; "
-          "LAMB/LARS need floating-point leaves (float16, bfloat16, float32 "
-          "or float64).")
+          f"`{name}` leaf '{prefix.path_str(path) or '<root>'}' has type "
+          f"{shown}; LAMB/LARS need floating-point leaves (float16, "
+          "bfloat16, float32 or float64, or complex64 or complex128).")
 
 
 def check_same_structure(reference: Any, other: Any, name: str,
@@ -186,8 +203,9 @@ def check_updates_match_params(updates: Any, params: Any,
   """Raises naming the first leaf whose shape or dtype kind differs.
 
   ``updates`` must have the structure of ``params`` (checked first), and
-  each leaf the shape of its parameter and a floating dtype like it (its
-  precision may differ: bf16 gradients of float32 params are fine).
+  each leaf the shape of its parameter and a dtype of its kind: floating for
+  a floating parameter, complex for a complex one (the precision may differ:
+  bf16 gradients of float32 params are fine).
   """
   check_same_structure(params, updates, name)
   flat_updates = jax.tree.leaves(updates)
@@ -203,20 +221,20 @@ def check_updates_match_params(updates: Any, params: Any,
     x_dtype = getattr(x, "dtype", None)
     u_dtype = getattr(u, "dtype", None)
     if x_dtype is None or u_dtype is None:
-      continue  # check_float_leaves names leaves that are not arrays.
-    if (jnp.issubdtype(x_dtype, jnp.floating)
-        != jnp.issubdtype(u_dtype, jnp.floating)):
+      continue  # check_inexact_leaves names leaves that are not arrays.
+    if _kind(x_dtype) != _kind(u_dtype):
       raise TypeError(
           f"`{name}` leaf '{where}' has dtype {u_dtype}, but its parameter "
-          f"has dtype {x_dtype}: LAMB/LARS need floating-point gradients "
-          "for floating-point params.")
+          f"has dtype {x_dtype}: LAMB/LARS need {_kind(x_dtype)} gradients "
+          f"for {_kind(x_dtype)} params.")
 
 
-def check_masks(params: Any, **masks: Any) -> None:
-  """Resolves each named mask that is not None against ``params``."""
-  for name, mask in masks.items():
-    if mask is not None:
-      prefix.resolve_mask(mask, params, name)
+def _kind(dtype: Any) -> str:
+  if jnp.issubdtype(dtype, jnp.complexfloating):
+    return "complex"
+  if jnp.issubdtype(dtype, jnp.floating):
+    return "floating-point"
+  return "numeric" if jnp.issubdtype(dtype, jnp.number) else str(dtype)
 
 
 def check_params_present(params: Any, transform: str) -> None:
@@ -225,6 +243,95 @@ def check_params_present(params: Any, transform: str) -> None:
         f"{transform} needs the current parameters: call "
         "`update(updates, state, params)` with `params` (the trust ratio is "
         "||params|| / ||update|| per layer).")
+
+
+def check_params(params: Any) -> None:
+  """The check of ``init``: every leaf of ``params`` is an inexact array."""
+  check_inexact_leaves(params, "params")
+
+
+def check_inputs(updates: Any, params: Any, transform: str) -> None:
+  """The checks of ``update``, in the order a reader needs them: params are
+  given, have the structure of the updates, are inexact arrays, and every
+  update leaf has its parameter's shape and dtype kind."""
+  check_params_present(params, transform)
+  check_same_structure(params, updates, "updates")
+  check_inexact_leaves(params, "params")
+  check_inexact_leaves(updates, "updates")
+  check_updates_match_params(updates, params)
+
+
+# --------------------------------------------------------------------------
+# Arguments of the schedules, the accumulation helpers and the mask builders.
+# --------------------------------------------------------------------------
+
+
+def check_int(name: str, value: Any, minimum: int, *,
+              expected: str = "an int") -> int:
+  """Returns ``value`` as an int >= ``minimum``, or raises naming ``name``.
+
+  Bools and floats are refused by type (TypeError: "must be {expected}"),
+  values below ``minimum`` by value (ValueError).
+  """
+  if (isinstance(value, (bool, np.bool_))
+      or not isinstance(value, numbers.Integral)):
+    raise TypeError(
+        f"`{name}` must be {expected}, got {type(value).__name__} "
+        f"{value!r}.")
+  if value < minimum:
+    raise ValueError(f"`{name}` must be >= {minimum}, got {value!r}.")
+  return int(value)
+
+
+def check_real(name: str, value: Any, *, positive: bool) -> float:
+  """Returns ``value`` as a finite float (> 0 or >= 0), or raises."""
+  if callable(value) or isinstance(value, jax.core.Tracer):
+    raise TypeError(
+        f"`{name}` must be a concrete real number, got {type(value).__name__} "
+        f"{value!r}.")
+  if positive:
+    check_positive(name, value)
+  else:
+    check_non_negative(name, value)
+  value = float(value)
+  if not math.isfinite(value):
+    raise ValueError(f"`{name}` must be finite, got {value!r}.")
+  return value
+
+
+def check_sequence(name: str, value: Any) -> list[Any]:
+  """A non-empty list or tuple with one entry per phase, as a list."""
+  if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+    raise TypeError(
+        f"`{name}` must be a sequence (list or tuple) with one entry per "
+        f"phase, got {type(value).__name__} {value!r}.")
+  if not value:
+    raise ValueError(f"`{name}` must have at least one entry, got {value!r}.")
+  return list(value)
+
+
+def check_same_length(**sequences: list[Any]) -> None:
+  lengths = {name: len(seq) for name, seq in sequences.items()}
+  if len(set(lengths.values())) > 1:
+    shown = ", ".join(f"{name} has {n}" for name, n in lengths.items())
+    raise ValueError(
+        f"One entry per phase: the sequences must have the same length, but "
+        f"{shown}.")
+
+
+def check_float_dtype(name: str, dtype: Any) -> jnp.dtype:
+  """``dtype`` as a floating :class:`jnp.dtype`, or a TypeError."""
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(f"`{name}` must be a floating dtype, got {dtype}.")
+  return dtype
+
+
+def check_optional_callable(name: str, value: Any, signature: str) -> None:
+  """Raises TypeError unless ``value`` is None or a callable."""
+  if value is not None and not callable(value):
+    raise TypeError(f"`{name}` must be None or a callable {signature}, got "
+                    f"{value!r}.")
 
 
 MaskArg = Optional[Any | Callable[[Any], Any]]
