@@ -22,23 +22,20 @@ Two probes, both blind to any batch above the base:
 
 import json
 import os
-import sys
 import time
 
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+import lamb_optax
+
+import analysis
+import study
+import tasks as tasks_lib
+import trials as trials_lib
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)
-sys.path.append(os.path.dirname(os.path.dirname(_HERE)))
-
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from ml_collections import config_flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import lamb_optax  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-import analysis  # pylint: disable=g-import-not-at-top,wrong-import-position
-import study  # pylint: disable=g-import-not-at-top,wrong-import-position
-import tasks as tasks_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
-import trials as trials_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("mode", "pilot", ["pilot", "time"], "What to probe.")
