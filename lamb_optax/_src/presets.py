@@ -188,9 +188,9 @@ def nvlamb(
     )
 
   return checked.alias("nvlamb", build, adapt_mask=trust_ratio_mask,
-                 decay_mask=weight_decay_mask,
-                 adapt_only_decayed=not use_nvlamb, layer_axes=layer_axes,
-                 axis_name=axis_name)
+                       decay_mask=weight_decay_mask,
+                       adapt_only_decayed=not use_nvlamb,
+                       layer_axes=layer_axes, axis_name=axis_name)
 
 
 @docstrings.with_shared_args
@@ -284,9 +284,9 @@ def timm(
     )
 
   return checked.alias("timm", build, adapt_mask=trust_ratio_mask,
-                 decay_mask=weight_decay_mask,
-                 adapt_only_decayed=not always_adapt, layer_axes=layer_axes,
-                 axis_name=axis_name)
+                       decay_mask=weight_decay_mask,
+                       adapt_only_decayed=not always_adapt,
+                       layer_axes=layer_axes, axis_name=axis_name)
 
 
 @docstrings.with_shared_args
@@ -375,9 +375,9 @@ def torch_optimizer(
     )
 
   return checked.alias("torch_optimizer", build,
-                 adapt_mask=False if adam else trust_ratio_mask,
-                 decay_mask=weight_decay_mask, layer_axes=layer_axes,
-                 axis_name=axis_name)
+                       adapt_mask=False if adam else trust_ratio_mask,
+                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
+                       axis_name=axis_name)
 
 
 @docstrings.with_shared_args
@@ -480,8 +480,8 @@ def deepspeed(
     )
 
   return checked.alias("deepspeed", build, adapt_mask=trust_ratio_mask,
-                 decay_mask=weight_decay_mask, layer_axes=layer_axes,
-                 axis_name=axis_name)
+                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
+                       axis_name=axis_name)
 
 
 @docstrings.with_shared_args
@@ -658,5 +658,5 @@ def keras(
     )
 
   return checked.alias("keras", build, adapt_mask=trust_ratio_mask,
-                 decay_mask=weight_decay_mask, layer_axes=layer_axes,
-                 axis_name=axis_name)
+                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
+                       axis_name=axis_name)
