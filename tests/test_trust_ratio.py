@@ -314,7 +314,8 @@ def test_ratios_are_one_vector_op_per_chunk_and_small_norms_one_reduction(
   """However many leaves: one division (the ratio formula, on a vector) per
   chunk of at most CHUNK_SIZE leaves; one reduction of x and one of u per
   large leaf, and one of the x's and u's together per chunk of small leaves
-  of one shape."""
+  of one shape (a small leaf alone of its shape is reduced as a large
+  one)."""
   rng = np.random.default_rng(0)
   params = {}
   for i in range(copies):
@@ -327,8 +328,11 @@ def test_ratios_are_one_vector_op_per_chunk_and_small_norms_one_reduction(
   jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params).jaxpr
   assert 96 * 96 > SMALL >= 3072 and 70 * 64 > SMALL
   chunks = lambda n: -(-n // CHUNK)
-  big = 1 + copies  # embed and every kernel, each reduced on its own.
-  small_chunks = 2 * chunks(copies)  # The (768,) leaves, the (3072,) ones.
+  lone = copies == 1  # Then the bias and the scale are alone of their shape.
+  # embed and every kernel (and a lone small leaf), each reduced on its own.
+  big = 1 + copies + (2 if lone else 0)
+  # The (768,) leaves, the (3072,) ones.
+  small_chunks = 0 if lone else 2 * chunks(copies)
   assert _count(jaxpr, "div") == small_chunks + chunks(big)
   assert _count(jaxpr, "sqrt") == 2 * (small_chunks + chunks(big))
   assert _count(jaxpr, "reduce_sum") == 2 * big + small_chunks

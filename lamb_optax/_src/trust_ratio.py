@@ -12,6 +12,7 @@ alone, traced bounds, the norm of decoupled-decayed params) are options of
 :class:`TrustRatioOptions`.
 """
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Optional
@@ -28,12 +29,13 @@ from lamb_optax._src import prefix
 from lamb_optax._src import validation
 
 # Leaves of at most this many elements have their norms reduced together with
-# other leaves of their shape, CHUNK_SIZE at a time (one stacked reduction
+# the other leaves of their shape, CHUNK_SIZE at a time (one stacked reduction
 # instead of three kernels per leaf): on BERT-base the biases and LayerNorm
-# scales, 243 of 391 leaves. Within a chunk each leaf reads its ratio at its
-# position, a constant of its step kernel: leaves at the same position of
-# chunks of one shape share that kernel, so chunks bound the distinct kernels
-# XLA:CPU compiles (docs/performance.md, "Compile time").
+# scales, 243 of 391 leaves. A small leaf alone of its shape is reduced on its
+# own, as a large one is. Every chunk, of small or of large leaves, computes
+# its ratios in one vector operation and hands them out in one reduction
+# (_unstack), so that the distinct kernels XLA:CPU compiles do not grow with
+# the number of leaves (docs/performance.md, "Compile time").
 SMALL_LEAF_SIZE = 4096
 CHUNK_SIZE = 32
 
@@ -240,13 +242,17 @@ def _chunks(leaves: list[tuple[int, chex.Array, chex.Array, LeafSpec]], *,
   leaves, reduced together) or one norm dtype, compute dtype and mesh axes."""
   groups: dict[Any, list[tuple[int, chex.Array, chex.Array, LeafSpec]]] = {}
   for leaf in leaves:
-    _, x, u, spec = leaf
-    key = (x.shape if small else numerics.real_dtype(x.dtype),
-           numerics.compute_dtype(x.dtype), numerics.compute_dtype(u.dtype),
-           spec.axis_names)
-    groups.setdefault(key, []).append(leaf)
+    groups.setdefault(_chunk_key(leaf, small=small), []).append(leaf)
   return [members[i:i + CHUNK_SIZE] for members in groups.values()
           for i in range(0, len(members), CHUNK_SIZE)]
+
+
+def _chunk_key(leaf: tuple[int, chex.Array, chex.Array, LeafSpec], *,
+               small: bool) -> tuple[Any, ...]:
+  _, x, u, spec = leaf
+  return (x.shape if small else numerics.real_dtype(x.dtype),
+          numerics.compute_dtype(x.dtype), numerics.compute_dtype(u.dtype),
+          spec.axis_names)
 
 
 def _unstack(vector: chex.Array) -> tuple[chex.Array, ...]:
@@ -295,8 +301,9 @@ def scale_updates(
   compile time and changes no number (docs/performance.md, "Compile time"):
   a leaf of more than :data:`SMALL_LEAF_SIZE` elements reduces its own
   norms; the smaller ones (biases, LayerNorm scales) are reduced in chunks of
-  :data:`CHUNK_SIZE` leaves of one shape, each chunk's ratios in one vector
-  operation, of which every leaf reads its own.
+  :data:`CHUNK_SIZE` leaves of one shape (a small leaf alone of its shape, as
+  a large one). The ratios of a chunk (of small or of large leaves) come
+  from one vector operation, of which every leaf reads its own.
 
   Args:
     updates: The incoming updates :math:`u` (the params' structure).
@@ -351,6 +358,11 @@ def scale_updates(
       numerics.check_summable(u, spec.axis_names)
       leaf = (i, param_for_norm(x, spec), u, spec)
       (small if x.size <= SMALL_LEAF_SIZE else big).append(leaf)
+  # A small leaf alone of its kind shares no kernel with another: stacking
+  # its norms would only add kernels, so it is reduced as the big ones are.
+  kinds = collections.Counter(_chunk_key(leaf, small=True) for leaf in small)
+  big += [leaf for leaf in small if kinds[_chunk_key(leaf, small=True)] == 1]
+  small = [leaf for leaf in small if kinds[_chunk_key(leaf, small=True)] > 1]
   chunks = []
   for chunk in _chunks(small, small=True):
     indices, chunk_xs, chunk_us, chunk_specs = zip(*chunk)
@@ -369,10 +381,11 @@ def scale_updates(
                      stacked_norms(chunk_us, names)))
   for chunk in _chunks(big, small=False):
     indices, chunk_xs, chunk_us, chunk_specs = zip(*chunk)
-    chunks.append((indices, *(
-        jnp.stack([numerics.squared_norms(a, (), spec.axis_names)
-                   for a, spec in zip(arrays, chunk_specs)])
-        for arrays in (chunk_xs, chunk_us))))
+    # The x's and the u's norms in one vector: one concatenation a chunk.
+    squared = jnp.stack([numerics.squared_norms(a, (), spec.axis_names)
+                         for arrays in (chunk_xs, chunk_us)
+                         for a, spec in zip(arrays, chunk_specs)])
+    chunks.append((indices, squared[:len(indices)], squared[len(indices):]))
   for indices, x_sq, u_sq in chunks:
     for i, ratio in zip(indices, _unstack(ratio_of(x_sq, u_sq))):
       ratios[i] = ratio
