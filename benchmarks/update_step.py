@@ -28,6 +28,7 @@ that checkout) to the table, row by row. This is a benchmark, not a test.
 from __future__ import annotations
 
 import argparse
+import gc
 import datetime
 import json
 import math
@@ -259,6 +260,9 @@ def compile_once(make_opt: Callable[[], optax.GradientTransformation],
   """One trace + lower + compile from scratch (fresh jit, cleared caches):
   its wall and CPU times, and the executable."""
   jax.clear_caches()
+  # Every compile starts from a collected heap: else the garbage of earlier
+  # compiles is collected in whichever later one triggers a full collection.
+  gc.collect()
   opt = make_opt()
   state = jax.eval_shape(opt.init, params)
   jitted = jit_step(make_step(opt))
@@ -445,7 +449,8 @@ def markdown(result: dict[str, Any],
       f"{cfg['n_params']:,} params in {cfg['n_leaves']} leaves "
       f"({cfg['layers']} layers), median of {cfg['reps']} interleaved steps; "
       f"compile: {cfg['compile_layers']} layers, {cfg['compile_n_leaves']} "
-      f"leaves, median of {cfg['compile_reps']}.",
+      f"leaves, median of {cfg['compile_reps']} rounds (x adamw: the "
+      "median of each round's ratio to AdamW's compile of that round).",
       "",
       "Rows marked [scanned] use the same model with its encoder layers "
       "stacked into (layers, ...) leaves and compare with AdamW on that "
@@ -512,8 +517,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       help="Encoder layers of the tree whose compile time is "
                       "measured (default 24; 2 with --quick).")
   parser.add_argument("--compile-reps", type=int, default=None,
-                      help="Compilations per optimizer, median reported "
-                      "(default 3; 1 with --quick).")
+                      help="Rounds of compilations (each compiles every "
+                      "optimizer once), median reported (default 3; 1 with "
+                      "--quick).")
   parser.add_argument("--quick", action="store_true",
                       help="Tiny shapes (hidden 64, vocab 1000) to "
                       "smoke-test the script in seconds.")
@@ -570,11 +576,18 @@ def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
   compile_times = time_compile({name: factories[name] for name in names},
                                compile_shapes, args.compile_reps)
   base_step = statistics.median(times[baseline])
-  base_compile = compile_times[baseline]["median_s"]
-  base_cpu = compile_times[baseline]["cpu_median_s"]
+
+  def paired(name, key):
+    # Each round compiles every optimizer once: a ratio per round to the
+    # baseline's compile of that round, so that a slow spell of the machine
+    # slows both sides of a ratio.
+    return [t / b for t, b in zip(compile_times[name][key],
+                                  compile_times[baseline][key])]
+
   rows = {}
   for name in names:
     step = statistics.median(times[name])
+    compile_x, cpu_x = paired(name, "all_s"), paired(name, "cpu_all_s")
     rows[name] = {
         "baseline": baseline,
         "step_ms_median": 1e3 * step,
@@ -586,10 +599,12 @@ def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
             compile_times[name]["trace_lower_median_s"],
         "compile_xla_s_median": compile_times[name]["xla_compile_median_s"],
         "compile_s_all": compile_times[name]["all_s"],
-        "compile_x_adamw": compile_times[name]["median_s"] / base_compile,
+        "compile_x_adamw": statistics.median(compile_x),
+        "compile_x_adamw_all": compile_x,
         "compile_cpu_s_median": compile_times[name]["cpu_median_s"],
         "compile_cpu_s_all": compile_times[name]["cpu_all_s"],
-        "compile_cpu_x_adamw": compile_times[name]["cpu_median_s"] / base_cpu,
+        "compile_cpu_x_adamw": statistics.median(cpu_x),
+        "compile_cpu_x_adamw_all": cpu_x,
         "compile_kernels": compile_times[name]["kernels"],
         "compile_distinct_kernels": compile_times[name]["distinct_kernels"],
         **analyses[name],

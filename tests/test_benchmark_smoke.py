@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import pathlib
+import statistics
 
 import jax
 import pytest
@@ -81,7 +82,8 @@ def test_scanned_tree_stacks_the_encoder_layers(update_step):
 
 def test_quick_run_writes_every_optimizer(update_step, tmp_path, capsys):
   out = tmp_path / "results" / "update_step.json"
-  update_step.main(["--quick", "--reps", "2", "--out", str(out)])
+  update_step.main(["--quick", "--reps", "2", "--compile-reps", "2",
+                    "--out", str(out)])
   result = json.loads(out.read_text())
   assert set(result["optimizers"]) == set(EXPECTED_OPTIMIZERS)
   for name, row in result["optimizers"].items():
@@ -92,6 +94,17 @@ def test_quick_run_writes_every_optimizer(update_step, tmp_path, capsys):
     assert row["compile_kernels"] >= row["compile_distinct_kernels"] >= 1
     assert row["params_finite_after_run"], name
   assert result["optimizers"]["optax.adamw"]["step_x_adamw"] == 1.0
+  # Compile ratios pair each round's compile with the baseline's of that
+  # round, and take the median of those ratios.
+  for name, row in result["optimizers"].items():
+    base = result["optimizers"][row["baseline"]]
+    for key, ratio in (("compile_s_all", "compile_x_adamw"),
+                       ("compile_cpu_s_all", "compile_cpu_x_adamw")):
+      assert len(row[key]) == 2, (name, key)
+      want = statistics.median(
+          t / b for t, b in zip(row[key], base[key]))
+      assert row[ratio] == pytest.approx(want, rel=1e-12), (name, ratio)
+  assert result["optimizers"]["optax.adamw"]["compile_x_adamw"] == 1.0
   scanned = result["optimizers"]["optax.adamw [scanned]"]
   assert scanned["step_x_adamw"] == 1.0
   assert scanned["baseline"] == "optax.adamw [scanned]"
