@@ -17,12 +17,17 @@ Usage (from the repository root)::
   python benchmarks/update_step.py                # BERT-base, ~110M params
   python benchmarks/update_step.py --quick        # tiny shapes, seconds
   python benchmarks/update_step.py --baseline before.json  # before | after
+  python benchmarks/update_step.py --compile-only --no-scanned \
+      --only "lamb_optax.lamb (BERT" --compile-reps 7  # compile ratios only
 
 It prints a Markdown table and writes the same data as JSON (``--out``).
 Compile times are given as wall time and as the CPU time of the process
 (which a busy machine inflates less). ``--baseline`` adds the ratios of an
 earlier run (its JSON, e.g. of another commit with ``PYTHONPATH`` pointing at
-that checkout) to the table, row by row. This is a benchmark, not a test.
+that checkout) to the table, row by row. ``--compile-only`` skips the steps
+and prints each compile ratio's median and range over the rounds; run it in
+processes that alternate between two checkouts to compare their compile
+times (docs/performance.md). This is a benchmark, not a test.
 """
 
 from __future__ import annotations
@@ -442,6 +447,8 @@ def markdown(result: dict[str, Any],
   """The table of ``result``; with ``baseline`` (an earlier result), its
   ratios beside each row of the same name."""
   env, cfg = result["environment"], result["config"]
+  if cfg.get("compile_only"):
+    return _compile_markdown(result)
   lines = [
       f"jax {env['jax']} / jaxlib {env['jaxlib']} / optax {env['optax']} / "
       f"lamb_optax {env['lamb_optax']} ({env['lamb_optax_commit']}) on "
@@ -501,6 +508,36 @@ def markdown(result: dict[str, Any],
   return "\n".join(lines)
 
 
+def _compile_markdown(result: dict[str, Any]) -> str:
+  """The table of a ``--compile-only`` run: compile times, the median and
+  range of the paired ratios, and kernel counts."""
+  env, cfg = result["environment"], result["config"]
+  lines = [
+      f"jax {env['jax']} / jaxlib {env['jaxlib']} / optax {env['optax']} / "
+      f"lamb_optax {env['lamb_optax']} ({env['lamb_optax_commit']}, "
+      f"{env.get('lamb_optax_path', '')}) on {env['device_kind']} "
+      f"({env['cpu_model']}, {env['cpu_count']} CPUs); compile only: "
+      f"{cfg['compile_layers']} layers, {cfg['compile_n_leaves']} leaves, "
+      f"{cfg['compile_reps']} rounds; x adamw: the median (and range) of "
+      "each round's ratio to AdamW's compile of that round.",
+      "",
+      f"| optimizer | compile s ({cfg['compile_layers']} layers) | x adamw | "
+      "range | compile CPU s | x adamw | kernels (distinct) |",
+      "|---|---:|---:|---|---:|---:|---:|",
+  ]
+  for name, row in result["optimizers"].items():
+    ratios = row["compile_x_adamw_all"]
+    lines.append(
+        f"| {name} | {row['compile_s_median']:.2f} | "
+        f"{row['compile_x_adamw']:.2f} | "
+        f"{min(ratios):.2f}-{max(ratios):.2f} | "
+        f"{row['compile_cpu_s_median']:.2f} | "
+        f"{row['compile_cpu_x_adamw']:.2f} | "
+        f"{_fmt(row['compile_kernels'], 'd')} "
+        f"({_fmt(row['compile_distinct_kernels'], 'd')}) |")
+  return "\n".join(lines)
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       description=__doc__.split("\n\n", 1)[0],
@@ -529,6 +566,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                       "run), e.g. 'lamb_optax.lamb(store,lars'.")
   parser.add_argument("--no-scanned", action="store_true",
                       help="Skip the scanned-tree rows.")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="Time the compiles only (no steps): with many "
+                      "--compile-reps, the paired compile ratios of "
+                      "docs/performance.md.")
   parser.add_argument("--out", default=DEFAULT_OUT,
                       help=f"JSON output path (default {DEFAULT_OUT}).")
   parser.add_argument("--baseline", default=None,
@@ -549,6 +590,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
       parser.error(f"--{flag.replace('_', '-')} must be >= 1")
   if args.warmup < 0:
     parser.error("--warmup must be >= 0")
+  if args.compile_only and args.baseline:
+    parser.error("--baseline does not apply to --compile-only (compare "
+                 "compile times in alternating processes instead)")
   return args
 
 
@@ -566,16 +610,18 @@ def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
           baseline: str, shapes: Any, compile_shapes: Any,
           args: argparse.Namespace) -> dict[str, dict[str, Any]]:
   """Times one group of optimizers on one tree, relative to ``baseline``."""
-  saved = dict(OPTIMIZERS)
-  OPTIMIZERS.update(factories)
-  try:
-    times, analyses = time_steps(shapes, names, args.reps, args.warmup)
-  finally:
-    OPTIMIZERS.clear()
-    OPTIMIZERS.update(saved)
+  if args.compile_only:
+    times, analyses = None, {name: {} for name in names}
+  else:
+    saved = dict(OPTIMIZERS)
+    OPTIMIZERS.update(factories)
+    try:
+      times, analyses = time_steps(shapes, names, args.reps, args.warmup)
+    finally:
+      OPTIMIZERS.clear()
+      OPTIMIZERS.update(saved)
   compile_times = time_compile({name: factories[name] for name in names},
                                compile_shapes, args.compile_reps)
-  base_step = statistics.median(times[baseline])
 
   def paired(name, key):
     # Each round compiles every optimizer once: a ratio per round to the
@@ -586,14 +632,17 @@ def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
 
   rows = {}
   for name in names:
-    step = statistics.median(times[name])
     compile_x, cpu_x = paired(name, "all_s"), paired(name, "cpu_all_s")
-    rows[name] = {
-        "baseline": baseline,
-        "step_ms_median": 1e3 * step,
-        "step_ms_min": 1e3 * min(times[name]),
-        "step_ms_all": [1e3 * t for t in times[name]],
-        "step_x_adamw": step / base_step,
+    rows[name] = {"baseline": baseline}
+    if times is not None:
+      step = statistics.median(times[name])
+      rows[name].update({
+          "step_ms_median": 1e3 * step,
+          "step_ms_min": 1e3 * min(times[name]),
+          "step_ms_all": [1e3 * t for t in times[name]],
+          "step_x_adamw": step / statistics.median(times[baseline]),
+      })
+    rows[name].update({
         "compile_s_median": compile_times[name]["median_s"],
         "compile_trace_lower_s_median":
             compile_times[name]["trace_lower_median_s"],
@@ -608,7 +657,7 @@ def _rows(names: Sequence[str], factories: dict[str, Callable[[], Any]],
         "compile_kernels": compile_times[name]["kernels"],
         "compile_distinct_kernels": compile_times[name]["distinct_kernels"],
         **analyses[name],
-    }
+    })
   return rows
 
 
@@ -651,6 +700,7 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
           "reps": args.reps,
           "warmup": args.warmup,
           "compile_reps": args.compile_reps,
+          "compile_only": args.compile_only,
           "dtype": "float32",
           "baseline": BASELINE,
       },

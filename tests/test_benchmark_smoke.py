@@ -116,6 +116,36 @@ def test_quick_run_writes_every_optimizer(update_step, tmp_path, capsys):
     assert f"| {name} |" in table
 
 
+def test_compile_only_times_compiles_and_no_steps(update_step, tmp_path,
+                                                  capsys):
+  out = tmp_path / "compile.json"
+  update_step.main(["--quick", "--compile-only", "--no-scanned", "--only",
+                    "lamb_optax.lamb (BERT", "--compile-reps", "3",
+                    "--out", str(out)])
+  result = json.loads(out.read_text())
+  rows = result["optimizers"]
+  assert set(rows) == {"optax.adamw", "lamb_optax.lamb (BERT masks)"}
+  assert result["config"]["compile_only"]
+  base = rows["optax.adamw"]["compile_s_all"]
+  for name, row in rows.items():
+    assert not any(key.startswith("step_") for key in row), name
+    assert len(row["compile_s_all"]) == 3
+    ratios = [t / b for t, b in zip(row["compile_s_all"], base)]
+    assert row["compile_x_adamw_all"] == pytest.approx(ratios, rel=1e-12)
+    assert row["compile_x_adamw"] == pytest.approx(statistics.median(ratios),
+                                                   rel=1e-12)
+  table = capsys.readouterr().out
+  masked = rows["lamb_optax.lamb (BERT masks)"]
+  assert (f"| lamb_optax.lamb (BERT masks) | {masked['compile_s_median']:.2f} "
+          f"| {masked['compile_x_adamw']:.2f} | "
+          f"{min(masked['compile_x_adamw_all']):.2f}-"
+          f"{max(masked['compile_x_adamw_all']):.2f} |") in table
+  with pytest.raises(SystemExit):
+    update_step.main(["--quick", "--compile-only", "--baseline", str(out)])
+  assert "--baseline does not apply to --compile-only" in (
+      capsys.readouterr().err)
+
+
 def test_kernel_counts_tell_identical_kernels_from_distinct_ones(update_step):
   """Five leaves of one shape through one expression are five kernels but
   one distinct kernel; with a different constant per leaf, five distinct."""
