@@ -33,8 +33,8 @@ times (docs/performance.md). This is a benchmark, not a test.
 from __future__ import annotations
 
 import argparse
-import gc
 import datetime
+import gc
 import json
 import math
 import os
