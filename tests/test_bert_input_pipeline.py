@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -532,6 +533,49 @@ def test_an_interrupted_preparation_is_never_taken_for_complete(
   with pytest.raises(ValueError, match=r"`data_dir`: shard .* is missing or "
                      r"is not the"):
     prep.load(config, str(data_dir))
+
+
+def _corrupt_copy(data, tmp_path):
+  """A copy of the prepared directory whose first training shard has bad bytes.
+
+  The shard keeps its size (the manifest's check passes); 16 bytes in its
+  first chunk are inverted.
+  """
+  import shutil  # pylint: disable=import-outside-toplevel
+  directory = tmp_path / "corrupt"
+  shutil.copytree(data.directory, directory)
+  shard = directory / data.shards("train", 16)[0]["file"]
+  content = bytearray(shard.read_bytes())
+  content[100:116] = bytes(b ^ 0xFF for b in content[100:116])
+  shard.write_bytes(bytes(content))
+  return str(directory), str(shard)
+
+
+def test_a_corrupt_shard_is_named_when_read(bert, prepared, tmp_path):
+  config, data = prepared
+  directory, shard = _corrupt_copy(data, tmp_path)
+  corrupt = bert["prep"].load(config, directory)  # The sizes match.
+  message = rf"`data_dir`: shard {re.escape(shard)} is corrupt .*prepare the "
+  source = corrupt.source("train", 16)
+  with pytest.raises(ValueError, match=message):
+    source[0]
+  with pytest.raises(ValueError, match=message):
+    source.__getitems__([len(source) - 1, 0])
+  # Through grain, as training reads it.
+  with pytest.raises(ValueError, match=message):
+    list(bert["ip"].eval_dataset(source, corrupt.masking(0.15), batch_size=8))
+
+
+def test_verify_shards_checks_the_digests_at_load(bert, prepared, tmp_path):
+  config, data = prepared
+  directory, shard = _corrupt_copy(data, tmp_path)
+  assert not config.verify_shards  # Never by default.
+  verify = config.copy_and_resolve_references()
+  verify.verify_shards = True
+  with pytest.raises(ValueError, match=rf"`data_dir`: shard {re.escape(shard)} "
+                     r"is corrupt \(its SHA-256 .*prepare the shards again"):
+    bert["prep"].load(verify, directory)
+  bert["prep"].load(verify, data.directory)  # Intact shards pass.
 
 
 # ----------------------------------------------------------------------------

@@ -49,14 +49,18 @@ moved into place; ``manifest.json`` comes last, so an interrupted
 preparation leaves no manifest and a later run prepares again, and a
 directory with a manifest is complete. A manifest that does not match the
 config (another corpus, tokenizer or sequence length) is an error naming the
-field; nothing is overwritten.
+field; nothing is overwritten. A shard that is missing, truncated or (when
+read) corrupt is an error naming the file; ``config.verify_shards`` checks
+every shard's SHA-256 against the manifest when the data is loaded.
 """
 
 from __future__ import annotations
 
+import bisect
 import concurrent.futures
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -169,12 +173,9 @@ class PreparedData:
   def num_examples(self, split: str, seq_length: int) -> int:
     return sum(s["examples"] for s in self.shards(split, seq_length))
 
-  def source(self, split: str,
-             seq_length: int) -> grain.sources.ArrayRecordDataSource:
+  def source(self, split: str, seq_length: int) -> "ShardSource":
     """The examples of one split and length: a random-access grain source."""
-    return grain.sources.ArrayRecordDataSource(
-        [os.path.join(self.directory, s["file"])
-         for s in self.shards(split, seq_length)])
+    return ShardSource(self.directory, self.shards(split, seq_length))
 
   def masking(self, mask_rate: float) -> input_pipeline.MaskedExample:
     """The per-example map from a record to a masked example."""
@@ -199,6 +200,40 @@ class PreparedData:
             f"vocabulary {tokenizer['vocab_size']:,} ({origin}); "
             f"{examples} training examples of length {lengths} in "
             f"{self.directory} ({'prepared' if self.prepared_now else 'cached'})")
+
+
+def corrupt_shard_error(path: str, detail: str) -> ValueError:
+  return ValueError(f"`data_dir`: shard {path} is corrupt ({detail}); prepare "
+                    "the shards again (delete the directory).")
+
+
+class ShardSource(grain.sources.ArrayRecordDataSource):
+  """Shards of one split and length, read as one random-access grain source.
+
+  Each shard's number of records comes from the manifest, so no shard is
+  opened before it is read. A shard that cannot be read (the right size, bad
+  bytes) raises a ValueError naming the file and the fix, where
+  array_record's ``RuntimeError`` names no file.
+  """
+
+  def __init__(self, directory: str, shards: Sequence[dict[str, Any]]):
+    self.files = [os.path.join(directory, s["file"]) for s in shards]
+    self._ends = list(itertools.accumulate(s["examples"] for s in shards))
+    super().__init__([f"{path}[0:{s['examples']}]"
+                      for path, s in zip(self.files, shards)])
+
+  def __getitem__(self, record_key):
+    try:
+      return super().__getitem__(record_key)
+    except RuntimeError as e:
+      shard = bisect.bisect_right(self._ends, int(record_key))
+      raise corrupt_shard_error(self.files[shard], str(e)) from e
+
+  def __getitems__(self, record_keys):
+    try:
+      return super().__getitems__(record_keys)
+    except RuntimeError:  # Read one by one: the bad record names its shard.
+      return [self[key] for key in record_keys]
 
 
 def _mismatch(field: str, directory: str, prepared: Any, asked: Any) -> str:
@@ -257,6 +292,9 @@ def check_manifest(manifest: dict[str, Any], config: ml_collections.ConfigDict,
               f"`data_dir`: shard {path} is missing or is not the "
               f"{shard['bytes']} bytes its manifest says; prepare the "
               "shards again (delete the directory).")
+        if config.verify_shards and _sha256(path) != shard["sha256"]:
+          raise corrupt_shard_error(
+              path, "its SHA-256 is not the one in the manifest")
 
 
 def load(config: ml_collections.ConfigDict, directory: str) -> PreparedData:
@@ -265,7 +303,9 @@ def load(config: ml_collections.ConfigDict, directory: str) -> PreparedData:
   Raises:
     ValueError: if the directory has no complete preparation (no manifest),
       or was prepared with another corpus, tokenizer or sequence lengths
-      (the error names the field), or a shard is missing or truncated.
+      (the error names the field), or a shard is missing or truncated, or
+      (with ``config.verify_shards``: every shard is read) its SHA-256 is
+      not the manifest's.
   """
   path = os.path.join(directory, MANIFEST_FILE)
   if not os.path.isfile(path):

@@ -39,6 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
   # first use.
   config.data_dir = ""
   config.examples_per_shard = 65536
+  # Check every shard's SHA-256 against the manifest when the data is loaded.
+  # This reads every shard, so it is off by default; a shard with bad bytes is
+  # named when it is read anyway.
+  config.verify_shards = False
   # grain: worker processes (0: a thread of the training process) and steps
   # read ahead.
   config.data_workers = 0
