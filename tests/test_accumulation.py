@@ -510,6 +510,26 @@ def test_accumulate_gradients_errors():
                          micro_batch_weight_fn=lambda b: b["x"][:, 0])
 
 
+@pytest.mark.parametrize("dtype", [jnp.bool_, jnp.complex64])
+def test_value_leaf_neither_floating_nor_integer_is_refused_by_path(dtype):
+  """Floating value leaves are averaged and integer ones summed; a bool or
+  complex leaf has no such rule and is named, while the others pass."""
+  params, batch = _mlp_params(), _mlp_batch(24)
+
+  def value_and_grad_fn(params, batch):
+    (loss, aux), grads = jax.value_and_grad(_mlp_loss, has_aux=True)(
+        params, batch)
+    return (loss, dict(aux, odd=jnp.zeros([], dtype))), grads
+
+  with pytest.raises(TypeError, match=r"leaf '1/odd' of dtype "
+                     f"{jnp.dtype(dtype)}"):
+    accumulate_gradients(value_and_grad_fn, params, batch, 2)
+  (_, aux), _ = accumulate_gradients(
+      jax.value_and_grad(_mlp_loss, has_aux=True), params, batch, 2)
+  assert aux["correct"].dtype == jnp.int32
+  assert aux["max_loss"].dtype == jnp.float32
+
+
 # benchmarks/accumulation.py -------------------------------------------------
 
 _SCRIPT = (pathlib.Path(__file__).resolve().parents[1] / "benchmarks" /
