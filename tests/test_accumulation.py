@@ -314,7 +314,7 @@ def test_other_bad_arguments():
     multi_steps(optax.sgd(1.0), 2, use_grad_mean=1)
   with pytest.raises(TypeError, match="`should_skip_update_fn`"):
     multi_steps(optax.sgd(1.0), 2, should_skip_update_fn=True)
-  with pytest.raises(TypeError, match="`accumulator_dtype`"):
+  with pytest.raises(ValueError, match="`accumulator_dtype`"):
     multi_steps(optax.sgd(1.0), 2, accumulator_dtype=jnp.int32)
   opt = multi_steps(optax.sgd(1.0), 2,
                     should_skip_update_fn=lambda u, s, p: (jnp.float32(0), ()))
@@ -502,7 +502,7 @@ def test_accumulate_gradients_errors():
     with pytest.raises(TypeError, match="`num_micro_batches` must be a "
                        "Python int"):
       accumulate_gradients(fn, params, batch, bad)
-  with pytest.raises(TypeError, match="`accumulation_dtype`"):
+  with pytest.raises(ValueError, match="`accumulation_dtype`"):
     accumulate_gradients(fn, params, batch, 2, accumulation_dtype=jnp.int32)
   with pytest.raises(ValueError, match="`micro_batch_weight_fn` must return "
                      "a scalar"):

@@ -146,6 +146,42 @@ def test_non_positive_max_grad_norm_rejected(value):
     lamb_optax.lamb(1e-2, max_grad_norm=value)
 
 
+@pytest.mark.parametrize("dtype", [jnp.int8, jnp.int32, jnp.uint8, jnp.bool_,
+                                   "int16"])
+@pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
+@pytest.mark.parametrize("factory", [ADAM, LAMB], ids=["scale_by_adam", "lamb"])
+def test_non_floating_moment_dtype_rejected_naming_it(factory, name, dtype):
+  # An int8 first moment would be stored as zeros every step: the optimizer
+  # would silently lose its momentum.
+  with pytest.raises(ValueError, match=_named(name) + ".*a floating dtype"):
+    factory(**{name: dtype})
+
+
+@pytest.mark.parametrize("dtype", ["not-a-dtype", object()])
+@pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
+def test_moment_dtype_that_is_no_dtype_is_a_type_error(name, dtype):
+  with pytest.raises(TypeError, match=_named(name)):
+    lamb_optax.lamb(1e-2, **{name: dtype})
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32,
+                                   "float32"])
+@pytest.mark.parametrize("name", ["mu_dtype", "nu_dtype"])
+def test_floating_moment_dtype_accepted_and_kept(name, dtype):
+  tx = lamb_optax.lamb(1e-2, **{name: dtype})
+  params = _params()
+  _, state = tx.update(_grads(), tx.init(params), params)
+  moment = state[0].mu if name == "mu_dtype" else state[0].nu
+  assert {leaf.dtype for leaf in jax.tree.leaves(moment)} == {jnp.dtype(dtype)}
+
+
+def test_complex_moment_dtype_accepted_for_complex_params():
+  tx = lamb_optax.scale_by_adam(mu_dtype=jnp.complex64, nu_dtype=jnp.complex64)
+  params = {"w": jnp.array([1.0 + 1.0j, -2.0j])}
+  _, state = tx.update(params, tx.init(params))
+  assert state.mu["w"].dtype == state.nu["w"].dtype == jnp.complex64
+
+
 @pytest.mark.parametrize("value", [1, 0, None, "yes"])
 def test_bias_correction_must_be_a_bool(value):
   with pytest.raises(TypeError, match=_named("bias_correction")):

@@ -153,12 +153,13 @@ def scale_by_adam(
     b2: Decay rate of the second moment, in [0, 1).
     eps: Term added to the denominator outside the square root, >= 0.
     eps_root: Term added to the second moment inside the square root, >= 0.
-    mu_dtype: Optional dtype of the first moment (e.g. ``jnp.bfloat16``).
+    mu_dtype: Optional floating dtype of the first moment (e.g.
+      ``jnp.bfloat16``; complex for complex params).
     nesterov: None or False (optax's default), ``"n"`` or True (Nesterov
       first moment, optax's ``nesterov=True``) or ``"nn"`` (Nesterov first
       and second moments).
     bias_correction: Whether to divide the moments by :math:`1-\beta^t`.
-    nu_dtype: Optional dtype of the second moment.
+    nu_dtype: Optional floating dtype of the second moment.
 
   Returns:
     A :class:`optax.GradientTransformation` object whose state is an
@@ -184,7 +185,8 @@ def scale_by_adam(
     <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, 2016.
   """
   check_arguments(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-                  bias_correction=bias_correction)
+                  bias_correction=bias_correction, mu_dtype=mu_dtype,
+                  nu_dtype=nu_dtype)
   return adam_transform(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                         mu_dtype=mu_dtype, nu_dtype=nu_dtype,
                         nesterov=nesterov_form(nesterov),
@@ -192,13 +194,21 @@ def scale_by_adam(
 
 
 def check_arguments(*, b1: Any, b2: Any, eps: Any, eps_root: Any,
-                    bias_correction: Any) -> None:
-  """The argument checks of every function that takes Adam's arguments."""
+                    bias_correction: Any, mu_dtype: Any = None,
+                    nu_dtype: Any = None) -> None:
+  """The argument checks of every function that takes Adam's arguments.
+
+  A moment dtype must be floating (complex for complex params): an int8
+  first moment would be stored as zeros, silently dropping the momentum.
+  """
   validation.check_unit_interval("b1", b1)
   validation.check_unit_interval("b2", b2)
   validation.check_non_negative("eps", eps)
   validation.check_non_negative("eps_root", eps_root)
   validation.check_bool("bias_correction", bias_correction)
+  for name, dtype in (("mu_dtype", mu_dtype), ("nu_dtype", nu_dtype)):
+    if dtype is not None:
+      validation.check_float_dtype(name, dtype, allow_complex=True)
 
 
 def nesterov_form(nesterov: Any) -> Optional[str]:

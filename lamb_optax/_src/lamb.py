@@ -109,10 +109,10 @@ def lamb(
       :func:`optax.scale_by_adam`) or ``"nn"`` (NN-LAMB).
     param_norm_bounds: Optional ``(lo, hi)`` bounds of :math:`\phi`.
     trust_ratio_bounds: Optional ``(lo, hi)`` bounds of :math:`r`.
-    mu_dtype: Optional dtype of the first moment (e.g. ``jnp.bfloat16`` to
-      halve its memory); None keeps the params' dtype.
-    nu_dtype: Optional dtype of the second moment; None keeps the params'
-      dtype.
+    mu_dtype: Optional floating dtype of the first moment (e.g.
+      ``jnp.bfloat16`` to halve its memory); None keeps the params' dtype.
+    nu_dtype: Optional floating dtype of the second moment; None keeps the
+      params' dtype.
     store_direction: Keep :math:`u_t` in the optimizer state (the fast path
       on CPU; 4 more bytes of state per float32 parameter; see above).
 
@@ -138,7 +138,8 @@ def lamb(
   """
   validation.check_learning_rate(learning_rate)
   adam.check_arguments(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-                       bias_correction=bias_correction)
+                       bias_correction=bias_correction, mu_dtype=mu_dtype,
+                       nu_dtype=nu_dtype)
   nesterov = adam.nesterov_form(nesterov)
   validation.check_finite_non_negative("weight_decay", weight_decay)
   checked.check_max_grad_norm(max_grad_norm)

@@ -319,12 +319,26 @@ def check_same_length(**sequences: list[Any]) -> None:
         f"{shown}.")
 
 
-def check_float_dtype(name: str, dtype: Any) -> jnp.dtype:
-  """``dtype`` as a floating :class:`jnp.dtype`, or a TypeError."""
-  dtype = jnp.dtype(dtype)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    raise TypeError(f"`{name}` must be a floating dtype, got {dtype}.")
-  return dtype
+def check_float_dtype(name: str, dtype: Any, *,
+                      allow_complex: bool = False) -> jnp.dtype:
+  """``dtype`` as a floating :class:`jnp.dtype`, or an error naming ``name``.
+
+  A dtype of another kind (int8, bool) is a ValueError; something that is no
+  dtype at all a TypeError. With ``allow_complex``, complex dtypes (for
+  complex parameters) are accepted too.
+  """
+  expected = "a floating dtype (e.g. jnp.float32 or jnp.bfloat16)"
+  if allow_complex:
+    expected += ", or a complex one for complex params"
+  try:
+    as_dtype = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"`{name}` must be {expected}, got {type(dtype).__name__} "
+                    f"{dtype!r}.") from None
+  kind = jnp.inexact if allow_complex else jnp.floating
+  if not jnp.issubdtype(as_dtype, kind):
+    raise ValueError(f"`{name}` must be {expected}, got {as_dtype}.")
+  return as_dtype
 
 
 def check_optional_callable(name: str, value: Any, signature: str) -> None:
