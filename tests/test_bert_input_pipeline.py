@@ -582,17 +582,26 @@ def test_verify_shards_checks_the_digests_at_load(bert, prepared, tmp_path):
 # Two processes over loopback.
 
 
+def _main_flags(overrides):
+  """``--config.FIELD=VALUE`` for each override, as a user types them."""
+  def value(v):
+    return f"({', '.join(map(str, v))},)" if isinstance(v, list) else str(v)
+  return [f"--config.{k}={value(v)}" for k, v in overrides.items()]
+
+
 def test_two_processes_read_their_rows_and_train_as_one(bert, corpus,
                                                         tmp_path):
   """Disjoint rows whose union is the one-process batch; the same losses.
 
-  Two processes (jax.distributed, gloo, one CPU device each) prepare the
-  shards (process 0; process 1 waits), train 4 steps stopped after step 2
-  and resumed from the checkpoint (the grain iterator's state saved per
-  process), and dump their rows of the first batches. The same
-  configuration runs here in one process on one device. (One phase, one
-  layer and AdamW, to compile less: what is tested is the data; resuming at
-  a phase change is in test_bert_example.py.)
+  Two processes launched from the command line alone (``main.py`` with
+  ``--config.distributed.*`` over 127.0.0.1, as the README says; CPU, gloo,
+  one device each) prepare the shards (process 0; process 1 waits), train 4
+  steps stopped after step 2, and are launched again to resume from the
+  checkpoint (the grain iterator's state saved per process); then two
+  processes dump their rows of the first batches. The same configuration
+  runs here in one process on one device. (One phase, one layer and AdamW,
+  to compile less: what is tested is the data; resuming at a phase change
+  is in test_bert_example.py.)
   """
   overrides = dict(optimizer="adamw", num_layers=1,
                    corpus=corpus["txt"], tokenizer=corpus["vocab"],
@@ -608,12 +617,26 @@ def test_two_processes_read_their_rows_and_train_as_one(bert, corpus,
              JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-  env.pop("XLA_FLAGS", None)
+  env.pop("XLA_FLAGS", None)  # One CPU device per process.
+  two = dict(overrides, data_dir=str(out / "data"))
+  summaries = []
+  for run, stop_at_step in enumerate((2, 0)):
+    (out / f"run_{run}").mkdir()
+    port = helpers.free_port()
+    helpers.run_processes(
+        [[sys.executable, str(_EXAMPLE / "main.py"), f"--workdir={out / 'work'}",
+          f"--config={_EXAMPLE / 'configs' / 'test.py'}",
+          f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+          "--config.distributed.num_processes=2",
+          f"--config.distributed.process_id={i}",
+          f"--config.stop_at_step={stop_at_step}", *_main_flags(two)]
+         for i in range(2)], out / f"run_{run}", 240, env)
+    summaries.append(json.loads((out / "work" / "summary.json").read_text()))
+  (out / "rows").mkdir()
   port = helpers.free_port()
-  two = dict(overrides, data_dir=str(out / "data"), stop_at_step=2)
   helpers.run_processes(
       [[sys.executable, str(_WORKER), str(i), str(port), json.dumps(two),
-        str(out)] for i in range(2)], out, 240, env)
+        str(out)] for i in range(2)], out / "rows", 120, env)
 
   config = _config(bert, corpus, tmp_path / "one_data", **overrides)
   config.num_devices = 1
@@ -638,12 +661,10 @@ def test_two_processes_read_their_rows_and_train_as_one(bert, corpus,
   np.testing.assert_allclose([r["loss"] for r in two_eval],
                              [r["loss"] for r in rows_of(tmp_path / "one",
                                                          "eval")], rtol=2e-5)
-  summaries = [json.loads((out / f"summary_{i}.json").read_text())
-               for i in range(2)]
-  for summary in summaries:  # Every process evaluates the same global batch.
-    assert [s["end_step"] for s in summary] == [2, 4]
-    assert summary[1]["start_step"] == 2
-    assert summary[1]["eval_loss"] == pytest.approx(single["eval_loss"],
+  assert [s["end_step"] for s in summaries] == [2, 4]
+  assert summaries[1]["start_step"] == 2
+  assert summaries[1]["num_devices"] == 2  # One job, not two single runs.
+  assert summaries[1]["eval_loss"] == pytest.approx(single["eval_loss"],
                                                     rel=2e-5)
   iterator_files = sorted(
       p.name for p in (out / "work" / "checkpoints" / "2" /

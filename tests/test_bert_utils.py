@@ -403,3 +403,38 @@ def test_metric_writer_resumes_and_writes_tensorboard(bert, tmp_path):
   writer.write({"kind": "train", "step": 1, "loss": 1.0})
   writer.close()
   assert not list(other.iterdir())
+
+
+def test_distributed_fields_reach_initialize_with_gloo_on_cpu(bert,
+                                                              monkeypatch):
+  """``config.distributed``'s fields go to ``jax.distributed.initialize``."""
+  utils = bert["utils"]
+  calls, updates = [], []
+  monkeypatch.setattr(jax.distributed, "initialize",
+                      lambda **kwargs: calls.append(kwargs))
+  monkeypatch.setattr(jax.config, "update",
+                      lambda name, value: updates.append((name, value)))
+  for name in ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+               "JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    monkeypatch.delenv(name, raising=False)
+
+  def initialize(**fields):
+    monkeypatch.setattr(utils.maybe_initialize_distributed, "done", False,
+                        raising=False)
+    distributed = bert["test_config"].get_config().distributed
+    distributed.update(fields)
+    utils.maybe_initialize_distributed(distributed)
+
+  initialize()  # "auto" and nothing set: a single process.
+  initialize(initialize="no", coordinator_address="127.0.0.1:1234")
+  assert not calls and not updates
+  initialize(coordinator_address="127.0.0.1:1234", num_processes=2,
+             process_id=1)
+  assert calls == [dict(coordinator_address="127.0.0.1:1234",
+                        num_processes=2, process_id=1)]
+  assert updates == [("jax_cpu_collectives_implementation", "gloo")]
+  initialize(initialize="yes")  # A cluster's environment fills them in.
+  assert calls[-1] == {}
+  with pytest.raises(ValueError, match=r"`distributed.initialize` must be "):
+    initialize(initialize="maybe")

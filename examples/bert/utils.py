@@ -36,28 +36,44 @@ DATA_AXIS = "data"
 # Devices and sharding.
 
 
-def maybe_initialize_distributed(mode: str) -> None:
-  """``jax.distributed.initialize()`` when asked or launched by a cluster.
+def maybe_initialize_distributed(distributed) -> None:
+  """``jax.distributed.initialize`` when asked or launched by a cluster.
 
-  "auto" initialises when the environment of a multi-process launch is
-  present (``JAX_COORDINATOR_ADDRESS``, Slurm with several tasks, Open MPI
-  or a TPU pod), where JAX's auto-detection fills in the arguments.
+  The coordinator's address, the number of processes and this process's id
+  are passed on when set; unset ones JAX detects from a cluster's
+  environment (Slurm, Open MPI, a TPU pod). "auto" initialises when they
+  are set or such an environment (or ``JAX_COORDINATOR_ADDRESS``) is present.
+  On CPU, collectives between the processes go over gloo (TCP through the
+  coordinator) unless ``JAX_CPU_COLLECTIVES_IMPLEMENTATION`` chooses others.
 
   Args:
-    mode: ``config.distributed``: "auto", "yes" or "no".
+    distributed: ``config.distributed``: ``initialize`` ("auto", "yes" or
+      "no"), ``coordinator_address`` ("host:port"), ``num_processes`` and
+      ``process_id`` (None: unset).
   """
+  mode = distributed.initialize
   if mode not in ("auto", "yes", "no"):
-    raise ValueError(f"`distributed` must be 'auto', 'yes' or 'no', got "
-                     f"{mode!r}.")
+    raise ValueError(f"`distributed.initialize` must be 'auto', 'yes' or "
+                     f"'no', got {mode!r}.")
+  given = {"coordinator_address": distributed.coordinator_address,
+           "num_processes": distributed.num_processes,
+           "process_id": distributed.process_id}
+  given = {name: value for name, value in given.items() if value is not None}
   env = os.environ
-  launched = ("JAX_COORDINATOR_ADDRESS" in env
+  launched = (bool(given) or "JAX_COORDINATOR_ADDRESS" in env
               or int(env.get("SLURM_NTASKS", "1")) > 1
               or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
               or "TPU_WORKER_HOSTNAMES" in env)
-  if mode == "yes" or (mode == "auto" and launched):
-    if not getattr(maybe_initialize_distributed, "done", False):
-      jax.distributed.initialize()
-      maybe_initialize_distributed.done = True
+  if mode == "no" or (mode == "auto" and not launched):
+    return
+  if getattr(maybe_initialize_distributed, "done", False):
+    return
+  platforms = jax.config.jax_platforms or ""
+  on_cpu = not platforms or "cpu" in platforms.split(",")
+  if on_cpu and "JAX_CPU_COLLECTIVES_IMPLEMENTATION" not in env:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**given)
+  maybe_initialize_distributed.done = True
 
 
 def sync_processes(name: str = "lamb_optax_bert") -> None:

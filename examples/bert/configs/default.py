@@ -93,9 +93,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_devices = 0  # 0: all devices.
   config.fsdp = False  # Also shard params and optimizer state over "data".
   config.fsdp_min_size = 2**14  # Smaller leaves stay replicated.
-  # jax.distributed.initialize(): "auto" (when a cluster launcher's
-  # environment is detected), "yes" or "no".
-  config.distributed = "auto"
+  # jax.distributed.initialize(): `initialize` "auto" (when the fields below
+  # are set or a cluster launcher's environment is detected), "yes" or "no".
+  # The coordinator ("host:port" of process 0), the number of processes and
+  # this process's id; None: unset (JAX detects Slurm, Open MPI, TPU pods).
+  config.distributed = ml_collections.ConfigDict({
+      "initialize": "auto",
+      "coordinator_address": config_dict.placeholder(str),
+      "num_processes": config_dict.placeholder(int),
+      "process_id": config_dict.placeholder(int),
+  })
 
   # Logging and checkpoints (in steps).
   config.log_every = 10
