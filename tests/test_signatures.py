@@ -29,8 +29,11 @@ PAIRS = {
                              optax.scale_by_trust_ratio),
 }
 # (function, optax's name) -> ours: the vocabulary of every lamb_optax
-# optimizer names the decay mask weight_decay_mask.
+# optimizer names the decay mask weight_decay_mask; optax's keyword is
+# accepted too (ACCEPTED_KEYWORDS).
 RENAMED = {("lamb", "mask"): "weight_decay_mask"}
+# (function, optax's keyword) -> ours: keyword-only aliases of a renamed one.
+ACCEPTED_KEYWORDS = {("lamb", "mask"): "weight_decay_mask"}
 # (function, parameter) -> (optax's default, ours, why).
 DEFAULTS_DIFFER = {
     ("lars", "weight_decay_mask"): (True, None, "None and True: every leaf"),
@@ -96,8 +99,37 @@ def test_refused_parameters_raise_naming_them():
     lamb_optax.lars(0.1, nesterov=True)
   with pytest.raises(TypeError, match="positional"):
     lamb_optax.lars(0.1, 0.0, True, 1e-3, 0.0, True, 0.9, False)
-  with pytest.raises(TypeError, match="mask"):
-    lamb_optax.lamb(0.1, mask=lambda p: p)
+
+
+@pytest.mark.parametrize("name, optax_name", sorted(
+    (fn, theirs) for (fn, theirs) in ACCEPTED_KEYWORDS))
+def test_renamed_parameters_accept_optaxs_keyword(name, optax_name):
+  ours = inspect.signature(PAIRS[name][0]).parameters
+  assert ours[optax_name].kind == inspect.Parameter.KEYWORD_ONLY
+  assert ours[optax_name].default is None
+
+
+@pytest.mark.parametrize("mask", [{"w": True, "b": False},
+                                  lambda p: {"w": True, "b": False}],
+                         ids=["tree", "callable"])
+def test_lamb_mask_keyword_is_weight_decay_mask(mask):
+  kw = dict(weight_decay=0.1)
+  by_optax_name = _steps(lamb_optax.lamb(1e-2, mask=mask, **kw))
+  _same(by_optax_name,
+        _steps(lamb_optax.lamb(1e-2, weight_decay_mask=mask, **kw)), rtol=0)
+  _same(by_optax_name, _steps(optax.lamb(1e-2, mask=mask, **kw)))
+  # The mask matters here: without it the bias is decayed too.
+  unmasked = _steps(lamb_optax.lamb(1e-2, **kw))
+  assert not np.allclose(by_optax_name[-1]["b"], unmasked[-1]["b"])
+  np.testing.assert_array_equal(by_optax_name[-1]["w"], unmasked[-1]["w"])
+
+
+def test_lamb_mask_and_weight_decay_mask_together_are_refused():
+  mask = {"w": True, "b": False}
+  with pytest.raises(ValueError, match=r"`mask`.*`weight_decay_mask`"):
+    lamb_optax.lamb(1e-2, mask=mask, weight_decay_mask=mask)
+  with pytest.raises(ValueError, match=r"`mask`.*`weight_decay_mask`"):
+    lamb_optax.lamb(1e-2, 0.9, 0.999, 1e-6, 0.0, 0.1, mask, mask=mask)
 
 
 def _params():

@@ -23,6 +23,7 @@ def lamb(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     weight_decay_mask: validation.MaskArg = None,
     *,
+    mask: validation.MaskArg = None,
     trust_ratio_mask: validation.MaskArg = None,
     max_grad_norm: Optional[float] = None,
     layer_axes: layers.LayerAxesArg = None,
@@ -77,9 +78,10 @@ def lamb(
     )
 
   with the inputs checked once and the masks resolved once per call. The
-  positional arguments are :func:`optax.lamb`'s (its ``mask`` is
-  ``weight_decay_mask`` here), with its defaults, which are the paper's;
-  the rest are keyword-only. With the defaults it computes what
+  positional arguments are :func:`optax.lamb`'s, with its defaults, which
+  are the paper's; its seventh, ``mask``, is ``weight_decay_mask`` here (the
+  name every lamb_optax optimizer uses), and ``mask=`` is accepted as
+  optax's keyword for it. The rest are keyword-only. With the defaults it computes what
   :func:`optax.lamb` computes (with a more accurate :math:`1-\beta^t`, see
   :func:`lamb_optax.scale_by_adam`), and like it ``update`` accepts extra
   keyword arguments.
@@ -102,7 +104,9 @@ def lamb(
     eps: Added to the denominator outside the square root, >= 0.
     eps_root: Added to the second moment inside the square root, >= 0.
     weight_decay: :math:`\lambda` >= 0, a scalar or a schedule.
-    <shared args: weight_decay_mask trust_ratio_mask max_grad_norm>
+    <shared args: weight_decay_mask>
+    mask: optax's name for ``weight_decay_mask`` (pass one of the two).
+    <shared args: trust_ratio_mask max_grad_norm>
     <shared args: layer_axes axis_name>
     bias_correction: Whether the moments are bias corrected.
     nesterov: None, ``"n"`` (N-LAMB; True means it too, as in
@@ -136,6 +140,7 @@ def lamb(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
+  weight_decay_mask = _optax_mask(mask, weight_decay_mask)
   validation.check_learning_rate(learning_rate)
   adam.check_arguments(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                        bias_correction=bias_correction, mu_dtype=mu_dtype,
@@ -166,3 +171,14 @@ def lamb(
   return checked.alias("lamb", build, adapt_mask=trust_ratio_mask,
                        decay_mask=weight_decay_mask, layer_axes=layer_axes,
                        axis_name=axis_name)
+
+
+def _optax_mask(mask: Any, weight_decay_mask: Any) -> Any:
+  """``weight_decay_mask``, or optax's ``mask`` given in its place."""
+  if mask is None:
+    return weight_decay_mask
+  if weight_decay_mask is not None:
+    raise ValueError(
+        "Pass either `mask` (optax's name) or `weight_decay_mask`, not both: "
+        "they are the same argument, the leaves that get weight decay.")
+  return mask
