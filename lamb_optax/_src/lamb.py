@@ -81,10 +81,10 @@ def lamb(
   positional arguments are :func:`optax.lamb`'s, with its defaults, which
   are the paper's; its seventh, ``mask``, is ``weight_decay_mask`` here (the
   name every lamb_optax optimizer uses), and ``mask=`` is accepted as
-  optax's keyword for it. The rest are keyword-only. With the defaults it computes what
-  :func:`optax.lamb` computes (with a more accurate :math:`1-\beta^t`, see
-  :func:`lamb_optax.scale_by_adam`), and like it ``update`` accepts extra
-  keyword arguments.
+  optax's keyword for it. The rest are keyword-only. With the defaults it
+  computes what :func:`optax.lamb` computes (with a more accurate
+  :math:`1-\beta^t`, see :func:`lamb_optax.scale_by_adam`), and like it
+  ``update`` accepts extra keyword arguments.
 
   ``store_direction=True`` is the fast path on CPU: :math:`u_t` is kept in a
   params-shaped buffer of the optimizer state (a
