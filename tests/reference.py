@@ -43,7 +43,7 @@ class Step:
   ratios: list[float]             # trust ratios applied (1 outside the mask)
   raw_ratios: list[float]         # before trust_ratio_bounds (nan if masked)
   param_norms: list[float]        # |x_t| before the step
-  update_norms: list[float]       # |u_t| (LAMB) or |m_t| (LARS)
+  update_norms: list[float]       # |u_t| (LAMB) or |d_t| (LARS)
   # |u| computed from absolute values (|g|, |x|): >= update_norms; the ratio
   # of the two bounds the cancellation in u, hence the relative rounding
   # error a float32 computation of |u| may honestly have.
@@ -270,11 +270,14 @@ def lars(
     trust_ratio_bounds: Optional[tuple[float, float]] = None,
     trust_coefficient: float = 1.0,
     eps: float = 0.0,
+    nesterov: bool = False,
 ) -> list[Step]:
   """Runs LARS as in Algorithm 1 of You et al. (2020).
 
   m_t = momentum m_{t-1} + (1 - momentum) (g_t + wd x_t);
-  x_{t+1} = x_t - lr r_t m_t with r_t = coef phi(|x_t|) / (|m_t| + eps).
+  x_{t+1} = x_t - lr r_t d_t with r_t = coef phi(|x_t|) / (|d_t| + eps),
+  where d_t = m_t, or with ``nesterov`` the Nesterov direction
+  d_t = momentum m_t + (1 - momentum) (g_t + wd x_t).
   """
   x = _as_float64(params)
   n = len(x)
@@ -296,8 +299,13 @@ def lars(
                                   else 0.0)
       mom[i] = momentum * mom[i] + (1.0 - momentum) * d
       mom_abs[i] = momentum * mom_abs[i] + (1.0 - momentum) * d_abs
-      p_norm, m_norm = norm(x[i]), norm(mom[i])
-      m_abs_norms.append(norm(mom_abs[i]))
+      if nesterov:
+        direction = momentum * mom[i] + (1.0 - momentum) * d
+        direction_abs = momentum * mom_abs[i] + (1.0 - momentum) * d_abs
+      else:
+        direction, direction_abs = mom[i], mom_abs[i]
+      p_norm, m_norm = norm(x[i]), norm(direction)
+      m_abs_norms.append(norm(direction_abs))
       if adapt_mask[i]:
         r, raw = trust_ratio(
             p_norm, m_norm, trust_coefficient=trust_coefficient, eps=eps,
@@ -305,7 +313,7 @@ def lars(
             trust_ratio_bounds=trust_ratio_bounds)
       else:
         r, raw = 1.0, math.nan
-      step = -lr * r * mom[i]
+      step = -lr * r * direction
       new_x.append(x[i] + step)
       updates.append(step)
       ratios.append(r)

@@ -54,6 +54,19 @@ CASES = {
                    "param_norm_bounds": PARAM_NORM_BOUNDS,
                    "trust_ratio_bounds": TRUST_RATIO_BOUNDS,
                    "trust_coefficient": 0.5, "eps": 1e-2},
+    "nesterov": {"nesterov": True},
+    "nesterov_coefficient_eps": {"nesterov": True, "momentum": 0.9,
+                                 "trust_coefficient": 0.02, "eps": 1e-3},
+    "nesterov_weight_decay_mask": {"nesterov": True, "momentum": 0.8,
+                                   "weight_decay": 0.1,
+                                   "weight_decay_mask": no_bias_or_norm},
+    "nesterov_everything": {"nesterov": True, "learning_rate": lr_schedule,
+                            "momentum": 0.8, "weight_decay": wd_schedule,
+                            "weight_decay_mask": no_bias_or_norm,
+                            "trust_ratio_mask": TRUST_MASK,
+                            "param_norm_bounds": PARAM_NORM_BOUNDS,
+                            "trust_ratio_bounds": TRUST_RATIO_BOUNDS,
+                            "trust_coefficient": 0.5, "eps": 1e-2},
 }
 
 
@@ -77,6 +90,10 @@ def test_matches_reference(case, params, grads_seq, params64, grads64):
   if case != "defaults":
     default_steps = _run_reference(params, params64, grads64, {})
     assert trajectory_distance(ref_steps, default_steps) > 1e-3
+  if kwargs.get("nesterov"):
+    heavy_ball = dict(CASES[case], nesterov=False)
+    assert trajectory_distance(
+        ref_steps, _run_reference(params, params64, grads64, heavy_ball)) > 1e-3
   if "weight_decay_mask" in kwargs:
     unmasked = dict(CASES[case])
     del unmasked["weight_decay_mask"]
@@ -118,9 +135,41 @@ def test_differs_from_optax_lars(params, grads_seq):
   assert diff > 1e-3
 
 
-def test_each_step_moves_a_layer_by_lr_times_its_norm(params, grads_seq):
-  """Defaults (c = 1, eps = 0): |x_{t+1} - x_t| = lr |x_t| per layer."""
-  got_params, _, _ = run_optimizer(lamb_optax.lars(LR), params, grads_seq[:4])
+def _updates_at_fixed_params(opt, params, grads_seq):
+  """The updates of each step, all taken at the same ``params``."""
+  state, out = opt.init(params), []
+  for grads in grads_seq:
+    updates, state = opt.update(grads, state, params)
+    out.append(to_numpy64(updates))
+  return out
+
+
+@pytest.mark.parametrize("momentum", [0.9, 0.5])
+def test_nesterov_without_ratio_is_one_minus_beta_times_optax(
+    params, grads_seq, momentum):
+  """Without the ratio and with a constant learning rate, d_t is (1 - beta)
+  times the direction of optax's Nesterov trace, step after step."""
+  kw = dict(weight_decay=0.1, trust_ratio_mask=False, momentum=momentum)
+  ours = _updates_at_fixed_params(
+      lamb_optax.lars(LR, nesterov=True, **kw), params, grads_seq[:4])
+  theirs = _updates_at_fixed_params(
+      optax.lars(LR, nesterov=True, **kw), params, grads_seq[:4])
+  heavy_ball = _updates_at_fixed_params(
+      lamb_optax.lars(LR, **kw), params, grads_seq[:4])
+  for t, (got, want, plain) in enumerate(zip(ours, theirs, heavy_ball)):
+    for g, w in zip(got, want):
+      np.testing.assert_allclose(g, (1 - momentum) * w, rtol=1e-5,
+                                 atol=1e-6 * np.abs(w).max(), err_msg=str(t))
+    assert any(not np.allclose(g, p, rtol=1e-3) for g, p in zip(got, plain))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_each_step_moves_a_layer_by_lr_times_its_norm(params, grads_seq,
+                                                      nesterov):
+  """Defaults (c = 1, eps = 0): |x_{t+1} - x_t| = lr |x_t| per layer (the
+  ratio acts on the direction it scales, m_t or the Nesterov d_t)."""
+  got_params, _, _ = run_optimizer(lamb_optax.lars(LR, nesterov=nesterov),
+                                   params, grads_seq[:4])
   prev = to_numpy64(params)
   for step in got_params:
     cur = to_numpy64(step)

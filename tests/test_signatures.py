@@ -42,7 +42,7 @@ DEFAULTS_DIFFER = {
     ("scale_by_adam", "nesterov"): (False, None, "None and False: plain Adam"),
 }
 # optax parameters lamb_optax refuses: (function, parameter) -> why.
-REFUSED = {("lars", "nesterov"): "Algorithm 1 has no Nesterov form"}
+REFUSED = {}
 POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY,
               inspect.Parameter.POSITIONAL_OR_KEYWORD)
 
@@ -94,11 +94,19 @@ def test_learning_rate_annotation_is_optaxs(name):
       assert params["learning_rate"].annotation is optax.ScalarOrSchedule
 
 
-def test_refused_parameters_raise_naming_them():
-  with pytest.raises(TypeError, match="nesterov"):
-    lamb_optax.lars(0.1, nesterov=True)
+def test_more_positional_arguments_than_optax_raise():
   with pytest.raises(TypeError, match="positional"):
-    lamb_optax.lars(0.1, 0.0, True, 1e-3, 0.0, True, 0.9, False)
+    lamb_optax.lars(0.1, 0.0, True, 1e-3, 0.0, True, 0.9, False, None)
+  with pytest.raises(TypeError, match="positional"):
+    lamb_optax.lamb(0.1, 0.9, 0.999, 1e-6, 0.0, 0.0, None, None)
+
+
+def test_lars_nesterov_is_optaxs_eighth_positional_argument():
+  _same(_steps(lamb_optax.lars(0.1, 1e-2, True, 1.0, 0.0, True, 0.8, True)),
+        _steps(lamb_optax.lars(0.1, weight_decay=1e-2, momentum=0.8,
+                               nesterov=True)), rtol=0)
+  with pytest.raises(TypeError, match="`nesterov`"):
+    lamb_optax.lars(0.1, nesterov="yes")
 
 
 @pytest.mark.parametrize("name, optax_name", sorted(

@@ -23,6 +23,7 @@ def lars(
     eps: float = 0.0,
     trust_ratio_mask: validation.MaskArg = None,
     momentum: float = 0.9,
+    nesterov: bool = False,
     *,
     max_grad_norm: Optional[float] = None,
     layer_axes: layers.LayerAxesArg = None,
@@ -38,24 +39,31 @@ def lars(
   .. math::
 
     m_t &= \beta_1 m_{t-1} + (1-\beta_1)(g_t + \lambda x_t), \\
-    x_{t+1} &= x_t - \eta_t \, \frac{c \, \phi(\|x_t\|)}{\|m_t\| + \epsilon}
-      \, m_t,
+    x_{t+1} &= x_t - \eta_t \, \frac{c \, \phi(\|x_t\|)}{\|d_t\| + \epsilon}
+      \, d_t,
+
+  with :math:`d_t = m_t` (the paper's Algorithm 1), or with ``nesterov=True``
+  the Nesterov direction of the same damped momentum,
+
+  .. math::
+
+    d_t = \beta_1 m_t + (1-\beta_1)(g_t + \lambda x_t),
 
   with :math:`\beta_1` the ``momentum``, :math:`\lambda` the
   ``weight_decay`` (on the leaves of ``weight_decay_mask``), :math:`c` the
   ``trust_coefficient``, :math:`\phi` the identity or a clip to
   ``param_norm_bounds``, the ratio 1 where :math:`\phi(\|x\|)=0` or
-  :math:`\|m\|=0`, then clipped to ``trust_ratio_bounds``; leaves outside
+  :math:`\|d\|=0`, then clipped to ``trust_ratio_bounds``; leaves outside
   ``trust_ratio_mask`` take the plain momentum step. It is
   ``optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask),
   <damped momentum>, lamb_optax.scale_by_trust_ratio(...),
   optax.scale_by_learning_rate(learning_rate))``, where the damped momentum
-  computes what ``optax.ema(momentum, debias=False)`` computes but keeps the
-  state dtype fixed, with the inputs checked once.
+  computes :math:`d_t` (without ``nesterov``, what ``optax.ema(momentum,
+  debias=False)`` computes) but keeps the state dtype fixed, with the inputs
+  checked once.
 
   How it differs from :func:`optax.lars`: the positional arguments are
-  optax's, in optax's order (optax's ``nesterov`` has no counterpart in
-  Algorithm 1 and is refused), but the algorithm is the paper's. optax
+  optax's, in optax's order, but the algorithm is the paper's. optax
   follows the classic LARS of You, Gitman & Ginsburg (2017): the ratio
   :math:`10^{-3}\|x\|/\|g + \lambda x\|` is applied to the gradient
   *before* a heavy-ball trace :math:`m_t = \beta m_{t-1} + \text{step}` (no
@@ -64,8 +72,14 @@ def lars(
   the ratio is computed from, and applied to, the momentum itself, so every
   step moves a layer by :math:`\eta_t c\,\phi(\|x_t\|)`; the default
   trust coefficient is the paper's 1 (optax's is 1e-3: pass
-  ``trust_coefficient=1e-3`` for optax's step sizes). Like optax's,
-  ``update`` accepts extra keyword arguments.
+  ``trust_coefficient=1e-3`` for optax's step sizes). ``nesterov=True``
+  acts on this damped momentum too: :math:`d_t` is :math:`1-\beta_1` times
+  the direction of optax's Nesterov trace (:math:`\beta t_t + g'` with
+  :math:`t_t = \beta t_{t-1} + g'`), and the ratio is computed from and
+  applied to :math:`d_t`, where optax applies its ratio to :math:`g'` before
+  the trace. Without the ratio (``trust_ratio_mask=False``) and with a
+  constant learning rate, the steps are :math:`1-\beta_1` times optax's. Like
+  optax's, ``update`` accepts extra keyword arguments.
 
   Args:
     learning_rate: :math:`\eta_t`, a scalar or an optax schedule.
@@ -77,6 +91,8 @@ def lars(
     trust_ratio_mask: The leaves that get the ratio, in the same forms; None
       (or True): every leaf.
     momentum: :math:`\beta_1` in [0, 1).
+    nesterov: Whether the direction is the Nesterov one, :math:`d_t =
+      \beta_1 m_t + (1-\beta_1)(g_t + \lambda x_t)`, instead of :math:`m_t`.
     <shared args: max_grad_norm layer_axes axis_name>
     param_norm_bounds: Optional ``(lo, hi)`` bounds of :math:`\phi`.
     trust_ratio_bounds: Optional ``(lo, hi)`` bounds of the ratio.
@@ -102,6 +118,7 @@ def lars(
   """
   validation.check_learning_rate(learning_rate)
   validation.check_unit_interval("momentum", momentum)
+  validation.check_bool("nesterov", nesterov)
   validation.check_finite_non_negative("weight_decay", weight_decay)
   checked.check_max_grad_norm(max_grad_norm)
   options = trust_ratio.check_arguments(
@@ -113,7 +130,7 @@ def lars(
         *checked.clip(max_grad_norm, specs),
         optax.add_decayed_weights(
             weight_decay, checked.decay_mask(specs, weight_decay_mask)),
-        damped_momentum(momentum),
+        damped_momentum(momentum, nesterov=nesterov),
         trust_ratio.trust_ratio_transform(lambda _: specs, options,
                                           check_inputs=False),
         optax.scale_by_learning_rate(learning_rate),
@@ -124,14 +141,17 @@ def lars(
                        axis_name=axis_name)
 
 
-def damped_momentum(momentum: float) -> optax.GradientTransformation:
+def damped_momentum(momentum: float, *,
+                    nesterov: bool = False) -> optax.GradientTransformation:
   r"""The damped momentum of LARS: :math:`m_t = \beta m_{t-1} + (1-\beta) u_t`.
 
-  Arithmetic runs in at least float32; the momentum keeps the dtype it was
-  initialised with (the parameter dtype) and the output the incoming dtype,
-  so state dtypes never change across steps, even when ``momentum`` is a
-  float32 array (``optax.inject_hyperparams``) and the parameters bf16.
-  The state is an :class:`optax.EmaState`.
+  Returns :math:`m_t`, or with ``nesterov`` the Nesterov direction
+  :math:`\beta m_t + (1-\beta) u_t`. Arithmetic runs in at least float32;
+  the momentum keeps the dtype it was initialised with (the parameter dtype)
+  and the output the incoming dtype, so state dtypes never change across
+  steps, even when ``momentum`` is a float32 array
+  (``optax.inject_hyperparams``) and the parameters bf16. The state is an
+  :class:`optax.EmaState`.
   """
 
   def init_fn(params):
@@ -144,7 +164,9 @@ def damped_momentum(momentum: float) -> optax.GradientTransformation:
     def leaf(u, m):
       cdt = numerics.compute_dtype(u.dtype)
       new = momentum * m.astype(cdt) + (1.0 - momentum) * u.astype(cdt)
-      return new.astype(u.dtype), new.astype(m.dtype)
+      out = (momentum * new + (1.0 - momentum) * u.astype(cdt) if nesterov
+             else new)
+      return out.astype(u.dtype), new.astype(m.dtype)
 
     out = jax.tree.map(leaf, updates, state.ema)
     new_updates, new_ema = jax.tree.transpose(
