@@ -24,7 +24,10 @@ _EXAMPLE = (pathlib.Path(__file__).resolve().parents[1] / "examples" /
 # Top-level module names of the example (run as a script, not a package);
 # cleared around the import so another example's `configs` cannot be reused.
 _MODULES = ("study", "tasks", "trials", "analysis", "plots", "report",
-            "configs", "configs.default", "configs.test", "configs.gpu")
+            "mlm_pipeline", "configs", "configs.default", "configs.test",
+            "configs.gpu",
+            # The BERT example's modules that mlm_pipeline imports.
+            "corpus", "wordpiece", "masking")
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +35,71 @@ def example():
   with helpers.example_modules(_EXAMPLE, _MODULES) as load:
     yield {"analysis": load("analysis"), "study": load("study"),
            "tasks": load("tasks"), "trials": load("trials"),
+           "mlm_pipeline": load("mlm_pipeline"),
            "default": load("configs.default"), "gpu": load("configs.gpu"),
            "test": load("configs.test")}
+
+
+# ----------------------------------------------------------------------------
+# The masked-LM task's data in memory (mlm_pipeline.py).
+
+
+def test_batches_are_a_function_of_seed_and_step(example):
+  ip = example["mlm_pipeline"]
+  stream = np.arange(10_000, dtype=np.int32) % 900 + len(ip.SPECIAL_TOKENS)
+  a = ip.train_batch(stream, step=7, batch_size=8, seq_length=32,
+                     vocab_size=1000, seed=3)
+  b = ip.train_batch(stream, step=7, batch_size=8, seq_length=32,
+                     vocab_size=1000, seed=3)
+  c = ip.train_batch(stream, step=8, batch_size=8, seq_length=32,
+                     vocab_size=1000, seed=3)
+  d = ip.train_batch(stream, step=7, batch_size=8, seq_length=32,
+                     vocab_size=1000, seed=4)
+  for key in a:
+    np.testing.assert_array_equal(a[key], b[key])
+  assert not np.array_equal(a["input_ids"], c["input_ids"])
+  assert not np.array_equal(a["input_ids"], d["input_ids"])
+  assert np.all(a["input_ids"][:, 0] == ip.wordpiece.CLS_ID)
+  assert np.all(a["input_ids"][:, -1] == ip.wordpiece.SEP_ID)
+
+
+def test_builtin_corpus_is_split_by_document(example):
+  ip = example["mlm_pipeline"]
+  corpus = ip.load_corpus("builtin", held_out_percent=10)
+  assert sum(map(len, corpus.train)) > 500_000  # characters of real text
+  assert len(corpus.held_out) > 100
+  assert not set(corpus.train) & set(corpus.held_out)
+  fraction = len(corpus.held_out) / (len(corpus.train) + len(corpus.held_out))
+  assert 0.05 < fraction < 0.15
+
+
+def test_user_corpus_and_tokenizer_cache(example, tmp_path):
+  ip = example["mlm_pipeline"]
+  text_dir = tmp_path / "texts"
+  text_dir.mkdir()
+  words = ("the quick brown fox jumps over the lazy dog while a patient "
+           "teacher explains the lesson to curious students").split()
+  rng = np.random.default_rng(0)
+  for i in range(3):
+    paragraphs = [" ".join(rng.choice(words, 60)) for _ in range(40)]
+    (text_dir / f"part{i}.txt").write_text("\n\n".join(paragraphs))
+  corpus = ip.load_corpus(str(text_dir), held_out_percent=20)
+  assert corpus.train and corpus.held_out
+  cache = tmp_path / "tokenizer"
+  tokenizer, cached = ip.cached_tokenizer(corpus, 200, str(cache))
+  assert not cached
+  [path] = list(cache.iterdir())
+  mtime = path.stat().st_mtime_ns
+  again, cached = ip.cached_tokenizer(corpus, 200, str(cache))
+  assert cached
+  assert path.stat().st_mtime_ns == mtime  # Loaded, not rewritten.
+  assert again.get_vocab() == tokenizer.get_vocab()
+  for token_id, token in enumerate(ip.SPECIAL_TOKENS):
+    assert again.token_to_id(token) == token_id
+  assert again.encode("the quick fox").tokens == ["the", "quick", "fox"]
+  # Another vocabulary size is another tokenizer.
+  _, cached = ip.cached_tokenizer(corpus, 150, str(cache))
+  assert not cached and len(list(cache.iterdir())) == 2
 
 
 # ----------------------------------------------------------------------------

@@ -18,8 +18,8 @@ import pytest
 _EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "bert"
 # Top-level module names of the example (run as a script, not a package),
 # cleared around the import so another example's `train` cannot be picked up.
-_MODULES = ("train", "models", "input_pipeline", "prepare_data", "utils",
-            "metrics", "configs", "configs.default", "configs.test",
+_MODULES = ("train", "models", "input_pipeline", "corpus", "wordpiece",
+            "masking", "prepare_data", "utils", "metrics", "configs", "configs.default", "configs.test",
             "configs.bert_base")
 _TRAIN_FIELDS = ("step", "phase", "loss", "learning_rate", "tokens_per_sec")
 
@@ -41,12 +41,15 @@ def example(tmp_path_factory):
   try:
     # pylint: disable=import-outside-toplevel
     import input_pipeline
+    import masking
     import models
     import train
+    import wordpiece
     from configs import bert_base
     from configs import test as test_config
     # pylint: enable=import-outside-toplevel
     yield dict(train=train, models=models, input_pipeline=input_pipeline,
+               masking=masking, wordpiece=wordpiece,
                test_config=test_config, bert_base=bert_base)
   finally:
     sys.path.remove(str(_EXAMPLE))
@@ -223,7 +226,7 @@ def test_eight_devices_fsdp_scanned_matches_one_device(example, full_run,
 
 
 def test_masking_statistics(example):
-  ip = example["input_pipeline"]
+  ip = example["wordpiece"]  # The special tokens and their ids.
   rng = np.random.default_rng(0)
   vocab_size = 1000
   batch, length = 512, 128
@@ -233,7 +236,7 @@ def test_masking_statistics(example):
   ids[:, 60] = ip.SEP_ID
   ids[:, 61] = ip.UNK_ID
   ids[: batch // 2, 100:] = ip.PAD_ID  # Half of the rows are padded.
-  out = ip.mask_tokens(ids, np.random.default_rng(1), vocab_size)
+  out = example["masking"].mask_tokens(ids, np.random.default_rng(1), vocab_size)
   weights = out["masked_weights"] > 0
   rows = np.nonzero(weights)[0]
   positions = out["masked_positions"][weights]
@@ -267,64 +270,6 @@ def test_masking_statistics(example):
   assert abs(frac_random - 0.1) < 0.015, frac_random
   assert abs(frac_same - 0.1) < 0.015, frac_same
   assert out["input_mask"][0, 100] == 0 and out["input_mask"][-1, 100] == 1
-
-
-def test_batches_are_a_function_of_seed_and_step(example):
-  ip = example["input_pipeline"]
-  stream = np.arange(10_000, dtype=np.int32) % 900 + len(ip.SPECIAL_TOKENS)
-  a = ip.train_batch(stream, step=7, batch_size=8, seq_length=32,
-                     vocab_size=1000, seed=3)
-  b = ip.train_batch(stream, step=7, batch_size=8, seq_length=32,
-                     vocab_size=1000, seed=3)
-  c = ip.train_batch(stream, step=8, batch_size=8, seq_length=32,
-                     vocab_size=1000, seed=3)
-  d = ip.train_batch(stream, step=7, batch_size=8, seq_length=32,
-                     vocab_size=1000, seed=4)
-  for key in a:
-    np.testing.assert_array_equal(a[key], b[key])
-  assert not np.array_equal(a["input_ids"], c["input_ids"])
-  assert not np.array_equal(a["input_ids"], d["input_ids"])
-  assert np.all(a["input_ids"][:, 0] == ip.CLS_ID)
-  assert np.all(a["input_ids"][:, -1] == ip.SEP_ID)
-
-
-def test_builtin_corpus_is_split_by_document(example):
-  ip = example["input_pipeline"]
-  corpus = ip.load_corpus("builtin", held_out_percent=10)
-  assert sum(map(len, corpus.train)) > 500_000  # characters of real text
-  assert len(corpus.held_out) > 100
-  assert not set(corpus.train) & set(corpus.held_out)
-  fraction = len(corpus.held_out) / (len(corpus.train) + len(corpus.held_out))
-  assert 0.05 < fraction < 0.15
-
-
-def test_user_corpus_and_tokenizer_cache(example, tmp_path):
-  ip = example["input_pipeline"]
-  text_dir = tmp_path / "texts"
-  text_dir.mkdir()
-  words = ("the quick brown fox jumps over the lazy dog while a patient "
-           "teacher explains the lesson to curious students").split()
-  rng = np.random.default_rng(0)
-  for i in range(3):
-    paragraphs = [" ".join(rng.choice(words, 60)) for _ in range(40)]
-    (text_dir / f"part{i}.txt").write_text("\n\n".join(paragraphs))
-  corpus = ip.load_corpus(str(text_dir), held_out_percent=20)
-  assert corpus.train and corpus.held_out
-  cache = tmp_path / "tokenizer"
-  tokenizer, cached = ip.cached_tokenizer(corpus, 200, str(cache))
-  assert not cached
-  [path] = list(cache.iterdir())
-  mtime = path.stat().st_mtime_ns
-  again, cached = ip.cached_tokenizer(corpus, 200, str(cache))
-  assert cached
-  assert path.stat().st_mtime_ns == mtime  # Loaded, not rewritten.
-  assert again.get_vocab() == tokenizer.get_vocab()
-  for token_id, token in enumerate(ip.SPECIAL_TOKENS):
-    assert again.token_to_id(token) == token_id
-  assert again.encode("the quick fox").tokens == ["the", "quick", "fox"]
-  # Another vocabulary size is another tokenizer.
-  _, cached = ip.cached_tokenizer(corpus, 150, str(cache))
-  assert not cached and len(list(cache.iterdir())) == 2
 
 
 def test_bert_base_config_is_bert_base(example):

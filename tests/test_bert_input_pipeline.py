@@ -26,8 +26,9 @@ import pytest
 import helpers
 
 _EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "bert"
-_MODULES = ("train", "models", "input_pipeline", "prepare_data", "utils",
-            "metrics", "configs", "configs.default", "configs.test")
+_MODULES = ("train", "models", "input_pipeline", "corpus", "wordpiece",
+            "masking", "prepare_data", "utils", "metrics", "configs",
+            "configs.default", "configs.test")
 _WORKER = pathlib.Path(__file__).resolve().parent / "bert_multiprocess_worker.py"
 _WORDS = ("the quick brown fox jumps over lazy dog while a patient teacher "
           "explains lesson to curious students who write notes about every "
@@ -42,7 +43,9 @@ _VOCAB = (["[PAD]", "[unused0]", "[unused1]", "[UNK]", "[CLS]", "[SEP]",
 @pytest.fixture(scope="module")
 def bert():
   with helpers.example_modules(_EXAMPLE, _MODULES) as load:
-    yield dict(ip=load("input_pipeline"), prep=load("prepare_data"),
+    yield dict(ip=load("input_pipeline"), corpus=load("corpus"),
+               wordpiece=load("wordpiece"), masking=load("masking"),
+               prep=load("prepare_data"),
                train=load("train"), utils=load("utils"),
                test_config=load("configs.test"))
 
@@ -119,16 +122,19 @@ def _originals(batch):
 
 def test_shards_hold_the_token_stream_in_windows(bert, corpus, prepared):
   """Records = consecutive windows of the split's stream (documents + [SEP])."""
-  ip = bert["ip"]
   config, data = prepared
-  split = ip.load_corpus(corpus["txt"], config.held_out_percent)
-  tokenizer = ip.load_tokenizer(corpus["vocab"])
+  docs = list(bert["corpus"].iter_documents(corpus["txt"]))
+  held_out = [bert["corpus"].is_held_out(d, config.held_out_percent)
+              for d in docs]
+  splits = (("train", [d for d, h in zip(docs, held_out) if not h]),
+            ("held_out", [d for d, h in zip(docs, held_out) if h]))
+  tokenizer = bert["wordpiece"].load_tokenizer(corpus["vocab"])
   special = data.special_ids
   assert (special.pad, special.unk, special.cls, special.sep,
           special.mask) == (0, 3, 4, 5, 6)
   manifest = data.manifest
   assert manifest["tokenizer"]["vocab_size"] == len(_VOCAB)
-  for name, docs in (("train", split.train), ("held_out", split.held_out)):
+  for name, docs in splits:
     ids = [tokenizer.encode(d, add_special_tokens=False).ids for d in docs]
     stream = np.concatenate([np.asarray(i + [special.sep]) for i in ids])
     assert manifest["counts"][name] == {"documents": len(docs),
@@ -178,11 +184,10 @@ def test_preparation_is_byte_identical_and_formats_agree(bert, corpus,
 
 
 def test_documents_stream_from_every_format(bert, corpus):
-  ip = bert["ip"]
-  assert list(ip.iter_documents(corpus["txt"])) == corpus["docs"]
+  reader = bert["corpus"]
+  assert list(reader.iter_documents(corpus["txt"])) == corpus["docs"]
   for kind in ("jsonl", "parquet"):
-    assert list(ip.iter_documents(corpus[kind], "body")) == corpus["docs"]
-  assert ip.user_documents(corpus["jsonl"], "body") == corpus["docs"]
+    assert list(reader.iter_documents(corpus[kind], "body")) == corpus["docs"]
 
 
 def test_a_trained_tokenizer_is_saved_and_reproduces_the_shards(
@@ -194,7 +199,7 @@ def test_a_trained_tokenizer_is_saved_and_reproduces_the_shards(
   prep.prepare(config, config.data_dir)
   data = prep.load(config, config.data_dir)
   assert data.manifest["tokenizer"]["source"] == "trained"
-  assert data.special_ids == bert["ip"].SpecialIds()
+  assert data.special_ids == bert["wordpiece"].SpecialIds()
   saved = os.path.join(config.data_dir, prep.TOKENIZER_FILE)
   again = _config(bert, corpus, tmp_path / "again", tokenizer=saved)
   prep.prepare(again, again.data_dir)
@@ -270,13 +275,12 @@ def test_process_blocks_tile_the_global_batch(bert, prepared):
 
 def test_masking_with_a_bert_vocabulary_skips_every_special_id(bert):
   """Candidates and random replacements avoid ids 0, 3, 4, 5, 6, uniformly."""
-  ip = bert["ip"]
-  special = ip.SpecialIds(pad=0, unk=3, cls=4, sep=5, mask=6)
+  special = bert["wordpiece"].SpecialIds(pad=0, unk=3, cls=4, sep=5, mask=6)
   vocab_size = 40
   rng = np.random.default_rng(0)
   ids = rng.integers(0, vocab_size, (20000, 32))
-  out = ip.mask_tokens(ids, np.random.default_rng(1), vocab_size,
-                       special_ids=special)
+  out = bert["masking"].mask_tokens(ids, np.random.default_rng(1),
+                                    vocab_size, special_ids=special)
   weights = out["masked_weights"] > 0
   rows = np.nonzero(weights)[0]
   positions = out["masked_positions"][weights]

@@ -30,9 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import input_pipeline
+import masking
 import models
 import train
+import wordpiece
 
 import lamb_optax
 
@@ -72,11 +73,11 @@ def main(argv):
   ids = jnp.zeros((1, 8), jnp.int32)
   params0 = nn.unbox(jax.jit(init_model.init)(
       jax.random.key(0), ids, ids, jnp.zeros((1, 1), jnp.int32))["params"])
-  stream = np.random.default_rng(0).integers(
-      len(input_pipeline.SPECIAL_TOKENS), config.vocab_size, 200_000
-  ).astype(np.int32)
-  batch = input_pipeline.train_batch(stream, 1, phase.batch_size,
-                                     phase.seq_length, config.vocab_size, 0)
+  rng = np.random.default_rng(0)
+  windows = rng.integers(len(wordpiece.SPECIAL_TOKENS), config.vocab_size,
+                         (phase.batch_size, phase.seq_length - 2))
+  batch = masking.mask_tokens(masking.frame(windows.astype(np.int32)), rng,
+                              config.vocab_size)
   batch = jax.device_put(train.micro_batched(train.add_example_index(batch),
                                              phase.num_micro_batches))
   grads = jax.tree.map(lambda x: 1e-3 * jnp.ones_like(x), params0)

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+import corpus as corpus_lib
 import input_pipeline
 import models
 import prepare_data
@@ -205,7 +206,7 @@ def throughput() -> list[dict]:
 
 def _synthetic_corpus(path: str, scale: int) -> None:
   """``scale`` copies of the built-in documents, words shuffled, as JSON lines."""
-  docs = input_pipeline.builtin_documents()
+  docs = corpus_lib.builtin_documents()
   rng = np.random.default_rng(0)
   with open(path, "w", encoding="utf-8") as f:
     for _ in range(scale):
@@ -252,7 +253,7 @@ def memory() -> list[dict]:
   synthetic = os.path.join(FLAGS.cache_dir, f"synthetic-x{FLAGS.scale}.jsonl")
   if not os.path.exists(synthetic):
     _synthetic_corpus(synthetic, FLAGS.scale)
-  builtin_chars = sum(map(len, input_pipeline.builtin_documents()))
+  builtin_chars = sum(map(len, corpus_lib.builtin_documents()))
   results = []
   for name, corpus, chars in (
       ("builtin", "builtin", builtin_chars),

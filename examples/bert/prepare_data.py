@@ -73,7 +73,9 @@ import ml_collections
 import numpy as np
 import tokenizers
 
+import corpus as corpus_lib
 import input_pipeline
+import wordpiece
 
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -108,7 +110,7 @@ def user_tokenizer(config: ml_collections.ConfigDict):
   """``config.tokenizer`` loaded (checked), or None when a tokenizer is trained."""
   if not config.tokenizer:
     return None
-  return input_pipeline.load_tokenizer(config.tokenizer, config.lowercase)
+  return wordpiece.load_tokenizer(config.tokenizer, config.lowercase)
 
 
 def model_vocab_size(config: ml_collections.ConfigDict) -> int:
@@ -122,11 +124,11 @@ def check_inputs(config: ml_collections.ConfigDict) -> None:
 
   Raises:
     ValueError: naming ``corpus`` (no such path, no corpus files, or only
-      empty files), ``tokenizer`` (see ``input_pipeline.load_tokenizer``),
+      empty files), ``tokenizer`` (see ``wordpiece.load_tokenizer``),
       ``seq_lengths`` (shorter than 3) or ``examples_per_shard``.
   """
   if config.corpus != "builtin":
-    files = input_pipeline.corpus_files(config.corpus)
+    files = corpus_lib.corpus_files(config.corpus)
     if not any(os.path.getsize(path) for path in files):
       raise ValueError(f"`corpus` {config.corpus!r}: every file is empty.")
   user_tokenizer(config)
@@ -159,8 +161,8 @@ class PreparedData:
   prepared_now: bool = False
 
   @property
-  def special_ids(self) -> input_pipeline.SpecialIds:
-    return input_pipeline.SpecialIds(**self.manifest["tokenizer"]
+  def special_ids(self) -> wordpiece.SpecialIds:
+    return wordpiece.SpecialIds(**self.manifest["tokenizer"]
                                      ["special_ids"])
 
   @property
@@ -374,7 +376,7 @@ def _blocks(documents: Iterator[str], held_out_percent: int
   """``(split, document)`` pairs in blocks of about ENCODE_BLOCK_CHARS."""
   block, chars = [], 0
   for doc in documents:
-    split = ("held_out" if input_pipeline.is_held_out(doc, held_out_percent)
+    split = ("held_out" if corpus_lib.is_held_out(doc, held_out_percent)
              else "train")
     block.append((split, doc))
     chars += len(doc)
@@ -414,7 +416,7 @@ def _corpus_name(corpus: str) -> str:
 
 
 def _documents(config: ml_collections.ConfigDict) -> Iterator[str]:
-  return input_pipeline.iter_documents(config.corpus, config.text_field)
+  return corpus_lib.iter_documents(config.corpus, config.text_field)
 
 
 def _tokenizer_for(config: ml_collections.ConfigDict
@@ -424,8 +426,8 @@ def _tokenizer_for(config: ml_collections.ConfigDict
   if tokenizer is not None:
     return tokenizer, os.path.abspath(config.tokenizer)
   training = (doc for doc in _documents(config)
-              if not input_pipeline.is_held_out(doc, config.held_out_percent))
-  return input_pipeline.train_tokenizer(training, config.vocab_size,
+              if not corpus_lib.is_held_out(doc, config.held_out_percent))
+  return wordpiece.train_tokenizer(training, config.vocab_size,
                                         config.lowercase), "trained"
 
 
@@ -433,7 +435,7 @@ def _write(config: ml_collections.ConfigDict, staging: str) -> dict[str, Any]:
   """Writes the tokenizer and the shards into ``staging``; the manifest."""
   tokenizer, source = _tokenizer_for(config)
   tokenizer.save(os.path.join(staging, TOKENIZER_FILE))
-  special_ids = input_pipeline.SpecialIds.of(tokenizer)
+  special_ids = wordpiece.SpecialIds.of(tokenizer)
   vocab_size = tokenizer.get_vocab_size()
   token_dtype = np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
   lengths = sorted(set(config.seq_lengths))
@@ -452,7 +454,7 @@ def _write(config: ml_collections.ConfigDict, staging: str) -> dict[str, Any]:
       counts[split]["tokens"] += len(tokens)
       for writer in writers[split]:
         writer.add(tokens)
-  input_pipeline.check_split_sizes(
+  corpus_lib.check_split_sizes(
       _corpus_name(config.corpus), counts["train"]["documents"],
       counts["held_out"]["documents"])
   shards = {split: {str(n): writer.finish()
