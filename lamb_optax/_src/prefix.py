@@ -28,12 +28,6 @@ def param_path_str(path: Sequence[Any]) -> str:
   return path_str(path)
 
 
-def leaf_paths(tree: Any) -> list[str]:
-  """The '/'-joined path of every leaf of ``tree``, in leaf order."""
-  return [param_path_str(p) or "<root>"
-          for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
-
-
 class _Box:
   """Keeps a spec (possibly None or a tuple) a single pytree leaf."""
 

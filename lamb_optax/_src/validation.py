@@ -169,12 +169,6 @@ def check_bounds(name: str, bounds: Any) -> Optional[tuple[float, float]]:
   return lo, hi
 
 
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-  if value not in choices:
-    raise ValueError(
-        f"`{name}` must be one of {list(choices)!r}, got {value!r}.")
-
-
 def check_inexact_leaves(tree: Any, name: str) -> None:
   """Raises TypeError naming the first leaf of ``tree`` that is not a
   floating-point or complex array."""
