@@ -32,6 +32,15 @@ import jax
 import jax.numpy as jnp
 
 LAYERS_AXIS = "layers"
+# Logical names of the activations' axes (``nn.with_logical_constraint``);
+# the training step maps them to mesh axes (utils.ACTIVATION_RULES). Outside
+# such rules they are no-ops.
+HIDDEN_AXES = ("batch", "length", "embed")
+MASK_AXES = ("batch", "length")
+
+
+def _constrain(x: jax.Array, names: tuple[str, ...]) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +115,9 @@ class EncoderLayer(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, attention_mask: jax.Array):
     config = self.config
+    # The scan's carry and its broadcast mask keep the batch sharded.
+    x = _constrain(x, HIDDEN_AXES)
+    attention_mask = _constrain(attention_mask, MASK_AXES)
     h = SelfAttention(config, self.deterministic, name="attention")(
         x, attention_mask)
     x = _layer_norm(config, "attention_norm")(x + h)
@@ -115,7 +127,7 @@ class EncoderLayer(nn.Module):
     h = _dense(config, config.hidden_size, ("mlp", "embed"), "output")(h)
     h = nn.Dropout(config.dropout_rate)(h, deterministic=self.deterministic)
     x = _layer_norm(config, "output_norm")(x + h)
-    return x, None
+    return _constrain(x, HIDDEN_AXES), None
 
 
 class Encoder(nn.Module):
@@ -163,16 +175,30 @@ class Embeddings(nn.Module):
     self.norm = _layer_norm(config, "norm")
     self.dropout = nn.Dropout(config.dropout_rate)
 
+  def word_table(self) -> jax.Array:
+    """The word embeddings, whole on every device where they are used.
+
+    FSDP shards the table over the data axis like any large parameter (its
+    vocabulary axis); gathering it before the lookup, as FSDP gathers every
+    kernel, keeps the lookup local to each device's rows. Left to itself,
+    XLA looks every token of the global batch up in each device's slice of
+    the vocabulary and then reduces: a (global batch, length, hidden)
+    buffer on every device.
+    """
+    return _constrain(self.word.embedding, (None, None))
+
   def __call__(self, input_ids: jax.Array) -> jax.Array:
     length = input_ids.shape[1]
-    x = (self.word(input_ids) + self.position(jnp.arange(length))[None]
+    x = (jnp.take(self.word_table(), input_ids, axis=0)
+         + self.position(jnp.arange(length))[None]
          + self.segment(jnp.zeros_like(input_ids)))
     x = self.norm(x).astype(self.config.dtype)
-    return self.dropout(x, deterministic=self.deterministic)
+    return _constrain(self.dropout(x, deterministic=self.deterministic),
+                      HIDDEN_AXES)
 
   def attend(self, x: jax.Array) -> jax.Array:
     """Logits against the word embeddings (BERT ties the decoder to them)."""
-    return self.word.attend(x)
+    return x @ self.word_table().T
 
 
 class MlmHead(nn.Module):
@@ -208,7 +234,9 @@ class BertMLM(nn.Module):
     x = Encoder(self.config, self.deterministic, name="encoder")(
         x, input_mask)
     x = jnp.take_along_axis(x, masked_positions[..., None], axis=1)
-    return MlmHead(self.config, name="mlm_head")(x, embeddings)
+    x = _constrain(x, ("batch", "predictions", "embed"))
+    logits = MlmHead(self.config, name="mlm_head")(x, embeddings)
+    return _constrain(logits, ("batch", "predictions", "vocab"))
 
 
 def init_shapes(config: BertConfig, seq_length: int = 8):

@@ -15,9 +15,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from typing import Any
+from typing import Any, Iterator, Optional
 
 import flax.linen as nn
 import grain
@@ -30,6 +31,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import models
 
 DATA_AXIS = "data"
+# Logical axis names of the activations (models.py) -> mesh axes: the batch
+# over "data"; every other axis (length, embed, heads, mlp, vocab) whole.
+ACTIVATION_RULES = (("batch", DATA_AXIS),)
 
 
 # ----------------------------------------------------------------------------
@@ -132,6 +136,30 @@ def global_batch(local: dict[str, np.ndarray],
   """
   return {k: jax.make_array_from_process_local_data(sharding, v)
           for k, v in local.items()}
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Optional[Mesh]) -> Iterator[None]:
+  """Within it, the model's activations keep the batch sharded over data.
+
+  ``models.py`` names the axes of its activations (``nn.with_logical_constraint``
+  on each layer's input and output, the attention mask, the embeddings and
+  the MLM head); ``ACTIVATION_RULES`` maps ``"batch"`` to the mesh's
+  ``"data"`` axis. Without these constraints XLA's sharding propagation is
+  free to pick another layout inside the scanned, rematerialised encoder and,
+  with FSDP parameters sharded over the same axis, it gathers the whole
+  global batch on every device (``train_compile.py`` finds such buffers).
+  Outside this context (or with ``mesh`` None) the names are ignored.
+
+  Args:
+    mesh: The mesh of the step (None: no constraints).
+  """
+  if mesh is None:
+    yield
+    return
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), \
+       nn.logical_axis_rules(ACTIVATION_RULES):
+    yield
 
 
 def param_sharding(boxed_params, mesh: Mesh, fsdp: bool, min_size: int):
