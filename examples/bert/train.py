@@ -160,11 +160,19 @@ def make_phases(config: ml_collections.ConfigDict,
   return phases
 
 
-def learning_rate_schedule(phases: Sequence[Phase]) -> optax.Schedule:
-  """Warmup from 0 and polynomial decay within each phase (mixed batch)."""
+def learning_rate_schedule(phases: Sequence[Phase],
+                           power: float = 1.0) -> optax.Schedule:
+  """Warmup from 0 and polynomial decay within each phase (mixed batch).
+
+  Args:
+    phases: The phases (``make_phases``).
+    power: ``config.schedule_power``: the power of each phase's decay after
+      its warmup (1: linear, as BERT).
+  """
   return lamb_optax.schedules.mixed_batch(
       [p.peak_learning_rate for p in phases],
-      [p.warmup_steps for p in phases], [p.num_steps for p in phases])
+      [p.warmup_steps for p in phases], [p.num_steps for p in phases],
+      power=power)
 
 
 # ----------------------------------------------------------------------------
@@ -269,7 +277,9 @@ def make_train_step(model: models.BertMLM, tx: optax.GradientTransformation,
   """``(params, opt_state, batch, step) -> (params, opt_state, metrics)``.
 
   ``batch`` leaves have shape ``(num_micro_batches, micro_batch, ...)``.
-  Each micro-batch's loss is the mean over its masked tokens, and
+  With ``mesh``, each micro-batch and the model's activations keep the
+  batch sharded over ``batch_spec`` (``utils.activation_sharding``), so no
+  device ever holds a whole micro-batch's activations. Each micro-batch's loss is the mean over its masked tokens, and
   accumulation weights micro-batches by their masked-token counts, so the
   loss and gradient are BERT's token-mean over the whole global batch however
   the masked tokens fall into micro-batches.
@@ -283,10 +293,13 @@ def make_train_step(model: models.BertMLM, tx: optax.GradientTransformation,
         micro = jax.lax.with_sharding_constraint(
             micro, NamedSharding(mesh, batch_spec))
       # Micro-batch i's dropout key: from the index of its first example.
-      key = jax.random.fold_in(step_key, micro["example_index"][0])
-      logits = model.apply({"params": params}, micro["input_ids"],
-                           micro["input_mask"], micro["masked_positions"],
-                           rngs={"dropout": key})
+      # (Its smallest index: a reduction, where indexing the first row of a
+      # sharded array would gather the whole micro-batch onto every device.)
+      key = jax.random.fold_in(step_key, jnp.min(micro["example_index"]))
+      with utils.activation_sharding(mesh):
+        logits = model.apply({"params": params}, micro["input_ids"],
+                             micro["input_mask"], micro["masked_positions"],
+                             rngs={"dropout": key})
       loss_sum, correct, count = mlm_sums(logits, micro)
       return loss_sum / jnp.maximum(count, 1.0), (
           correct.astype(jnp.int32), count.astype(jnp.int32))
@@ -306,16 +319,20 @@ def make_train_step(model: models.BertMLM, tx: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(model: models.BertMLM) -> Callable:
+def make_eval_step(model: models.BertMLM,
+                   mesh: Optional[Mesh] = None) -> Callable:
   """``(params, batch) -> (sums, target_counts)``.
 
   ``sums``: ``(loss_sum, correct, count)`` (see ``mlm_sums``);
   ``target_counts``: how often each token id is a masked target, for the
-  best constant prediction (``input_pipeline.best_constant``).
+  best constant prediction (``input_pipeline.best_constant``). With
+  ``mesh``, the activations keep the batch sharded over its ``"data"``
+  axis (``utils.activation_sharding``).
   """
   def eval_step(params, batch):
-    logits = model.apply({"params": params}, batch["input_ids"],
-                         batch["input_mask"], batch["masked_positions"])
+    with utils.activation_sharding(mesh):
+      logits = model.apply({"params": params}, batch["input_ids"],
+                           batch["input_mask"], batch["masked_positions"])
     target_counts = jnp.zeros(model.config.vocab_size, jnp.float32).at[
         batch["masked_ids"].reshape(-1)].add(
             batch["masked_weights"].reshape(-1))
@@ -357,6 +374,158 @@ def evaluate(eval_step, params, batches: list[dict[str, jax.Array]]
           "mlm_accuracy": correct / max(count, 1.0),
           "masked_tokens": int(count), "baseline_id": baseline_id,
           "baseline_accuracy": baseline_accuracy}
+
+
+# ----------------------------------------------------------------------------
+# The plan: what the jitted steps are built from, for one config and mesh.
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """The phases, model, optimizer and shardings of ``config`` on ``mesh``.
+
+  ``train_and_evaluate`` jits its steps with ``jit_train_step`` and
+  ``jit_eval_step``; ``train_compile.py`` compiles exactly the same functions
+  with the same shardings ahead of time, for a TPU topology, from the
+  shapes alone (``abstract_state``, ``train_batch_shapes``).
+  """
+  config: ml_collections.ConfigDict
+  mesh: Mesh
+  phases: list[Phase]
+  schedule: optax.Schedule
+  bert_config: models.BertConfig
+  boxed_shapes: Any  # nn.Partitioned-boxed parameter shapes.
+  tx: optax.GradientTransformation
+  params_sharding: Any
+  state_sharding: Any
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.shape[DATA_AXIS]
+
+  @property
+  def params_shape(self) -> Any:
+    return nn.unbox(self.boxed_shapes)
+
+  @property
+  def num_params(self) -> int:
+    return models.count_params(self.boxed_shapes)
+
+  @property
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  @property
+  def train_batch_sharding(self) -> NamedSharding:
+    """``(num_micro_batches, micro_batch, ...)``: micro-batch rows on data."""
+    return NamedSharding(self.mesh, P(None, DATA_AXIS))
+
+  @property
+  def eval_batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(DATA_AXIS))
+
+  def init_params(self, key: jax.Array) -> Any:
+    """The initial parameters (scanned or not, the same weights)."""
+    config = self.config
+    init_model = models.BertMLM(dataclasses.replace(self.bert_config,
+                                                    scan_layers=False))
+    ids = jnp.zeros((1, 8), jnp.int32)
+    params = nn.unbox(init_model.init(key, ids, ids,
+                                      jnp.zeros((1, 1), jnp.int32))["params"])
+    if config.scan_layers:
+      params = models.stack_layers(params, config.num_layers)
+    return params
+
+  def jit_train_step(self, phase: Phase) -> Callable:
+    """Phase ``phase``'s train step, jitted with its shardings (donating)."""
+    step_fn = make_train_step(
+        models.BertMLM(self.bert_config, deterministic=False), self.tx,
+        phase.num_micro_batches, self.config.seed, P(DATA_AXIS), self.mesh)
+    return jax.jit(
+        step_fn,
+        in_shardings=(self.params_sharding, self.state_sharding,
+                      self.train_batch_sharding, self.replicated),
+        out_shardings=(self.params_sharding, self.state_sharding,
+                       self.replicated),
+        donate_argnums=(0, 1))
+
+  def jit_eval_step(self) -> Callable:
+    """The eval step, jitted with its shardings."""
+    return jax.jit(
+        make_eval_step(models.BertMLM(self.bert_config, deterministic=True),
+                       self.mesh),
+        in_shardings=(self.params_sharding, self.eval_batch_sharding),
+        out_shardings=self.replicated)
+
+  def abstract_state(self) -> tuple[Any, Any]:
+    """``(params, opt_state)`` as ``jax.ShapeDtypeStruct`` with shardings."""
+    params = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        self.params_shape, self.params_sharding)
+    state = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        jax.eval_shape(self.tx.init, self.params_shape), self.state_sharding)
+    return params, state
+
+  def train_batch_shapes(self, phase: Phase) -> dict[str, jax.ShapeDtypeStruct]:
+    """Phase ``phase``'s global batch, as ``train_and_evaluate`` feeds it."""
+    micro = phase.batch_size // phase.num_micro_batches
+    shape = (phase.num_micro_batches, micro)
+    return {k: jax.ShapeDtypeStruct(shape + s, d,
+                                    sharding=self.train_batch_sharding)
+            for k, (s, d) in _batch_fields(phase.seq_length).items()}
+
+  def eval_batch_shapes(self, batch_size: int, seq_length: int
+                        ) -> dict[str, jax.ShapeDtypeStruct]:
+    """An eval batch of ``batch_size`` sequences of ``seq_length``."""
+    fields = _batch_fields(seq_length)
+    del fields["example_index"]
+    return {k: jax.ShapeDtypeStruct((batch_size,) + s, d,
+                                    sharding=self.eval_batch_sharding)
+            for k, (s, d) in fields.items()}
+
+
+def _batch_fields(seq_length: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """Per-example shape and dtype of each batch field (input_pipeline.py)."""
+  predictions = input_pipeline.max_predictions(seq_length)
+  return {"input_ids": ((seq_length,), jnp.int32),
+          "input_mask": ((seq_length,), jnp.int32),
+          "masked_positions": ((predictions,), jnp.int32),
+          "masked_ids": ((predictions,), jnp.int32),
+          "masked_weights": ((predictions,), jnp.float32),
+          "example_index": ((), jnp.int32)}
+
+
+def make_plan(config: ml_collections.ConfigDict, mesh: Mesh,
+              vocab_size: Optional[int] = None) -> Plan:
+  """The plan of ``config`` on ``mesh`` (a one-axis ``"data"`` mesh).
+
+  Args:
+    config: The configuration.
+    mesh: The mesh (``utils.make_mesh``, or one of a TPU topology's
+      devices).
+    vocab_size: The embedding rows (default ``config.vocab_size``; a user's
+      tokenizer sets it, ``prepare_data.model_vocab_size``).
+
+  Returns:
+    A :class:`Plan`.
+  """
+  phases = make_phases(config, mesh.shape[DATA_AXIS])
+  schedule = learning_rate_schedule(phases, config.schedule_power)
+  bert_config = model_config(config)
+  if vocab_size is not None:
+    bert_config = dataclasses.replace(bert_config, vocab_size=vocab_size)
+  boxed_shapes = models.init_shapes(bert_config)
+  layer_axes = (lamb_optax.layer_axes_from_metadata(boxed_shapes)
+                if config.scan_layers else None)
+  tx = make_optimizer(config, schedule, layer_axes)
+  params_sharding = utils.param_sharding(boxed_shapes, mesh, config.fsdp,
+                                         config.fsdp_min_size)
+  # Moments sharded like the params (FSDP), counts and ratios replicated.
+  state_sharding = lamb_optax.state_shardings(tx, nn.unbox(boxed_shapes),
+                                              params_sharding)
+  return Plan(config, mesh, phases, schedule, bert_config, boxed_shapes, tx,
+              params_sharding, state_sharding)
 
 
 # ----------------------------------------------------------------------------
@@ -452,29 +621,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
 
-  # Devices, phases, model, optimizer (before the data: a bad config fails
-  # in a second, not after the tokenizer is trained).
+  # Devices, phases, model, optimizer, shardings (before the data: a bad
+  # config fails in a second, not after the tokenizer is trained).
   mesh = utils.make_mesh(config.num_devices)
-  num_devices = mesh.shape[DATA_AXIS]
   rows = utils.process_rows(mesh)  # This process's block of every batch.
-  phases = make_phases(config, num_devices)
-  schedule = learning_rate_schedule(phases)
   # A user's tokenizer (config.tokenizer) sets the vocabulary size.
-  bert_config = dataclasses.replace(
-      model_config(config),
-      vocab_size=prepare_data.model_vocab_size(config))
-  boxed_shapes = models.init_shapes(bert_config)
-  params_shape = nn.unbox(boxed_shapes)
-  num_params = models.count_params(boxed_shapes)
-  layer_axes = (lamb_optax.layer_axes_from_metadata(boxed_shapes)
-                if config.scan_layers else None)
-  tx = make_optimizer(config, schedule, layer_axes)
-  params_sharding = utils.param_sharding(boxed_shapes, mesh, config.fsdp,
-                                         config.fsdp_min_size)
-  # Moments sharded like the params (FSDP), counts and ratios replicated.
-  state_sharding = lamb_optax.state_shardings(tx, params_shape,
-                                              params_sharding)
-  replicated = NamedSharding(mesh, P())
+  plan = make_plan(config, mesh, prepare_data.model_vocab_size(config))
+  phases, schedule, tx = plan.phases, plan.schedule, plan.tx
+  num_devices, num_params = plan.num_devices, plan.num_params
+  params_shape = plan.params_shape
   trust_mask = lamb_optax.masks.exclude_bias_and_norm()(params_shape)
   log_ratios = metrics_lib.has_trust_ratios(
       jax.eval_shape(tx.init, params_shape))
@@ -486,21 +641,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   if is_chief:
     print(data.describe(), flush=True)
 
-  # Scanned or not, the same initial weights (see models.stack_layers).
-  init_model = models.BertMLM(dataclasses.replace(bert_config,
-                                                  scan_layers=False))
-
-  def init_params(key):
-    ids = jnp.zeros((1, 8), jnp.int32)
-    params = nn.unbox(init_model.init(key, ids, ids,
-                                      jnp.zeros((1, 1), jnp.int32))["params"])
-    if config.scan_layers:
-      params = models.stack_layers(params, config.num_layers)
-    return params
-
-  params = jax.jit(init_params, out_shardings=params_sharding)(
+  params = jax.jit(plan.init_params, out_shardings=plan.params_sharding)(
       jax.random.key(config.seed))
-  opt_state = jax.jit(tx.init, out_shardings=state_sharding)(params)
+  opt_state = jax.jit(tx.init, out_shardings=plan.state_sharding)(params)
 
   # Checkpoints: resume from the latest.
   manager = ocp.CheckpointManager(
@@ -537,27 +680,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
       print(phase.describe(), flush=True)
 
   # Steps: one compiled train step per phase (its batch shape).
-  train_model = models.BertMLM(bert_config, deterministic=False)
-  eval_model = models.BertMLM(bert_config, deterministic=True)
-  batch_sharding = NamedSharding(mesh, P(None, DATA_AXIS))
+  batch_sharding = plan.train_batch_sharding
   train_steps = {}
 
   def train_step_for(phase: Phase):
     if phase.index not in train_steps:
-      step_fn = make_train_step(train_model, tx, phase.num_micro_batches,
-                                config.seed, P(DATA_AXIS), mesh)
-      train_steps[phase.index] = jax.jit(
-          step_fn,
-          in_shardings=(params_sharding, state_sharding, batch_sharding,
-                        replicated),
-          out_shardings=(params_sharding, state_sharding, replicated),
-          donate_argnums=(0, 1))
+      train_steps[phase.index] = plan.jit_train_step(phase)
     return train_steps[phase.index]
 
-  eval_step = jax.jit(make_eval_step(eval_model),
-                      in_shardings=(params_sharding,
-                                    NamedSharding(mesh, P(DATA_AXIS))),
-                      out_shardings=replicated)
+  eval_step = plan.jit_eval_step()
   eval_sets = {}  # seq_length -> (global batches, number of sequences)
   writer = metrics_lib.MetricWriter(workdir, start_step, enabled=is_chief)
 
