@@ -304,3 +304,45 @@ def test_bert_base_config_is_bert_base(example):
   assert ratios["encoder"]["layers"]["attention"]["query"]["kernel"].shape == (
       12,)
   assert ratios["embeddings"]["word"]["embedding"].shape == ()
+
+
+def test_bert_large_config_is_the_papers(example):
+  """BERT-Large and the paper's 64k/32k mixed batch, with no accumulation
+  on the paper's pod (2048 TPUv3 cores: 32 x 128, then 16 x 512 a core)."""
+  train, models = example["train"], example["models"]
+  sys.path.insert(0, str(_EXAMPLE))
+  try:
+    from configs import bert_large  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(str(_EXAMPLE))
+  config = bert_large.get_config()
+  assert (config.num_layers, config.hidden_size, config.num_heads,
+          config.intermediate_size) == (24, 1024, 16, 4096)
+  # Embeddings 31,782,912 + 24 layers x 12,596,224 + MLM head 1,082,170.
+  assert models.count_params(models.init_shapes(
+      train.model_config(config))) == 335_174_458
+  phases = train.make_phases(config, num_devices=2048)
+  assert [(p.seq_length, p.batch_size, p.num_micro_batches, p.num_steps)
+          for p in phases] == [(128, 65536, 1, 7038), (512, 32768, 1, 1561)]
+
+
+def test_schedule_power_shapes_each_phase_decay(example):
+  """config.schedule_power reaches the schedule: (1 - f)^power after the
+  warmup, f the fraction of the phase's decay steps done."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from jax.sharding import Mesh  # pylint: disable=import-outside-toplevel
+  train = example["train"]
+  config = example["test_config"].get_config()
+  config.schedule_power = 2.0
+  plan = train.make_plan(config, Mesh(np.asarray(jax.devices()[:1]),
+                                      ("data",)))
+  phase = plan.phases[0]
+  for t in range(phase.warmup_steps, phase.num_steps):
+    done = (t - phase.warmup_steps) / (phase.num_steps - phase.warmup_steps)
+    expected = phase.peak_learning_rate * (1.0 - done) ** 2
+    assert float(plan.schedule(t)) == pytest.approx(expected, rel=1e-5,
+                                                    abs=1e-9), t
+  linear = train.learning_rate_schedule(plan.phases)
+  middle = (phase.warmup_steps + phase.num_steps) // 2
+  assert float(plan.schedule(middle)) < float(linear(middle))
