@@ -1,29 +1,20 @@
 r"""The paper's learning-rate recipe: warmup, polynomial decay, LEGW, phases.
 
-You et al. (2020) train BERT with LAMB under one schedule shape: a linear
-warmup from zero, then a polynomial (linear by default) decay to zero. Across
-batch sizes they scale the peak by the square root of the batch-size ratio and
-keep the warmup at a fixed number of *iterations* (LEGW, Linear-Epoch Gradual
-Warmup: the warmup *epochs* grow with the batch size), with a fixed number of
-epochs, so that the total iterations shrink as the batch grows (their Table 4).
-Their fastest runs train in two phases (sequence length 128, then 512), the
-second re-warmed from zero.
+You et al. (2020) train BERT with LAMB under a linear warmup from zero and a
+polynomial decay to zero; across batch sizes they scale the peak by the square
+root of the batch ratio at fixed warmup iterations and fixed epochs (LEGW,
+Table 4); their fastest runs train in two phases, each warmed up from zero.
 
-Every schedule here is an :data:`optax.Schedule`: it takes the step count
-(a Python int, or the int32 count optax keeps in its state, under ``jit``) and
-returns the learning rate as a float array (float32, or float64 with
-``jax_enable_x64``). Step counts beyond :math:`2^{24}` lose precision in
-float32.
-
-Step-count arguments must be Python (or NumPy) integers, not floats or bools;
-real-valued arguments must be finite real numbers. Fractions and epoch counts
-given as floats are read as the decimals they print as (``0.9`` is 9/10), so
-that budgets which divide evenly give whole step counts.
+Every schedule is an :data:`optax.Schedule`: step count (an int, or optax's
+int32 count under ``jit``) to a float32 learning rate (float64 under
+``jax_enable_x64``). Step counts must be Python or NumPy ints. Fractions and
+epochs given as floats are read as the decimals they print as (``0.9`` is
+9/10), so budgets that divide evenly give whole steps.
 """
 
 from __future__ import annotations
 
-import fractions as fractions_lib
+from fractions import Fraction
 import math
 import numbers
 from typing import Any, NamedTuple, Sequence, Union
@@ -35,13 +26,7 @@ import optax
 
 from lamb_optax._src import validation
 
-Fraction = fractions_lib.Fraction
-
 _FRACTION_TOLERANCE = 1e-6
-
-
-# ---------------------------------------------------------------------------
-# Argument checks.
 
 
 def _check_int(name: str, value: Any, minimum: int) -> int:
@@ -51,11 +36,14 @@ def _check_int(name: str, value: Any, minimum: int) -> int:
       expected="an int (a number of steps, examples or tokens)")
 
 
-def _exact(value: Any) -> Fraction:
-  """A checked real ``value`` as an exact fraction.
+def _check_ints(name: str, values: Any) -> list[int]:
+  """One int >= 1 per phase (batch sizes, sequence lengths)."""
+  return [_check_int(f"{name}[{i}]", v, 1)
+          for i, v in enumerate(validation.check_sequence(name, values))]
 
-  Integers exactly; floats as the shortest decimal that prints as them.
-  """
+
+def _exact(value: Any) -> Fraction:
+  """An int exactly; a float as the shortest decimal that prints as it."""
   if isinstance(value, numbers.Integral):
     return Fraction(int(value))
   return Fraction(repr(float(value)))
@@ -64,10 +52,9 @@ def _exact(value: Any) -> Fraction:
 def _check_fractions(value: Any) -> list[Fraction]:
   """Positive fractions summing to 1, as exact weights summing to exactly 1."""
   items = validation.check_sequence("fractions", value)
-  weights = []
   for i, f in enumerate(items):
     validation.check_real(f"fractions[{i}]", f, positive=True)
-    weights.append(_exact(f))
+  weights = [_exact(f) for f in items]
   total = sum(weights)
   if abs(float(total) - 1.0) > _FRACTION_TOLERANCE:
     raise ValueError(
@@ -76,41 +63,34 @@ def _check_fractions(value: Any) -> list[Fraction]:
   return [w / total for w in weights]
 
 
-def _ceil(value: Fraction) -> int:
-  return -((-value.numerator) // value.denominator)
-
-
 # ---------------------------------------------------------------------------
-# Schedules.
-
-
-# optax.linear_schedule and optax.polynomial_schedule compute
-# init + (end - init) * (1 - t / T)**p. In float32 the 1 - t / T cancels at the
-# start of a warmup from 0 and at the end of a decay, and under jit XLA turns
-# t / T into t * (1 / T), so eager and jit disagree there. Measured over 306
-# random schedules (up to 2e6 steps), eager and jit, against float64: up to
-# 11% relative error in the warmup and 16% in the decay (Table 4 at batch size
-# 512: 1.0% at t = T - 1), and NaN at t = T under jit for a power of 0.5 with
-# end_value > 0. The two pieces below state the formula without the
-# cancellation and stay within 4e-7 (3 ulp) of float64, eager and jit alike;
-# optax.join_schedules joins them, and the phases of mixed_batch.
+# Schedules: two pieces joined by optax.join_schedules.
+#
+# Why not optax.linear_schedule and optax.polynomial_schedule: they compute
+# init + (end - init) * (1 - t / T)**p, and in float32 the 1 - t / T cancels at
+# the start of a warmup from 0 and at the end of a decay; under jit XLA also
+# turns t / T into t * (1 / T), so eager and jit disagree there. Measured
+# against float64 over 306 random schedules of up to 2e6 steps, eager and jit:
+# up to 11% relative error in the warmup and 16% in the decay (Table 4 at batch
+# size 512: 1.0% at t = T - 1), NaN at t = T under jit for power 0.5 with
+# end_value > 0, and 8 tests of tests/test_schedules.py fail. The pieces below
+# state the same formulas without the cancellation: within 4e-7 of float64.
 
 
 def _warmup(peak_value: float, warmup_steps: int) -> optax.Schedule:
-  """``peak * t / W`` (``optax.linear_schedule(0, peak, W)``, without the
-  cancellation)."""
+  """``optax.linear_schedule(0, peak, W)`` as ``peak * (t / W)``."""
   return lambda count: peak_value * (count / warmup_steps)
 
 
 def _decay(peak_value: float, end_value: float, power: float,
            decay_steps: int) -> optax.Schedule:
-  """``optax.polynomial_schedule(peak, end, power, D)``, from the steps left.
+  """``optax.polynomial_schedule(peak, end, power, D)`` from the steps left.
 
-  ``(D - t) / D`` is one division, exactly 0 from ``t = D`` on, so the end is
-  exact. Its start is not: jit's ``D * (1 / D)`` is not always 1, and
-  ``end + (peak - end)`` is not always ``peak`` in float32 (measured: 1223 of
-  4000 random decays, eager and jit, missed the peak, 204 of them with
-  ``end_value=0``). The peak at ``t = 0`` is therefore set exactly.
+  ``(D - t) / D`` is 0 from ``t = D`` on, so the end is exact. The start is
+  not: jit's ``D * (1 / D)`` need not be 1, nor ``end + (peak - end)`` be
+  ``peak`` in float32 (1223 of 4000 random decays, eager and jit, missed the
+  peak; 204 with ``end_value=0``), so the peak at ``t = 0`` is set exactly:
+  the one exact-endpoint wrapper.
   """
   def schedule(count):
     remaining = jnp.clip((decay_steps - count) / decay_steps, 0.0, 1.0)
@@ -121,7 +101,7 @@ def _decay(peak_value: float, end_value: float, power: float,
 
 def _checked_schedule(peak_value, warmup_steps, total_steps, power, end_value,
                       *, phase="", power_name="power"):
-  """Checks the arguments (naming a phase's as ``name[i]``), then builds."""
+  """Checks the arguments (a phase's named ``name[i]``), then builds."""
   peak_name = f"peak_values{phase}" if phase else "peak_value"
   total_name = f"phase_steps{phase}" if phase else "total_steps"
   peak_value = validation.check_real(peak_name, peak_value, positive=False)
@@ -140,12 +120,12 @@ def _checked_schedule(peak_value, warmup_steps, total_steps, power, end_value,
   decay = (_decay(peak_value, end_value, power, total_steps - warmup_steps)
            if warmup_steps < total_steps
            else optax.constant_schedule(end_value))
-  if warmup_steps:
-    decay = optax.join_schedules(
-        [_warmup(peak_value, warmup_steps), decay], [warmup_steps])
+  joined = (optax.join_schedules(
+      [_warmup(peak_value, warmup_steps), decay], [warmup_steps])
+            if warmup_steps else decay)
 
   def schedule(count: jax.typing.ArrayLike) -> jax.Array:
-    value = decay(jnp.maximum(count, 0))  # Counts below zero read as zero.
+    value = joined(jnp.maximum(count, 0))  # Counts below zero read as zero.
     return jnp.asarray(value).astype(jnp.result_type(float))
 
   return schedule
@@ -173,30 +153,23 @@ def warmup_polynomial_decay(
       \eta_{end}, & t \ge T,
     \end{cases}
 
-  so :math:`\eta_0 = 0`, :math:`\eta_W = \eta` and :math:`\eta_T =
-  \eta_{end}`, each exactly. :math:`t` is the count optax passes (0 for the
-  first update), so with :math:`W > 0` the first update has learning rate 0.
-  ``warmup_steps=0`` starts the decay at the peak; ``warmup_steps ==
-  total_steps`` warms up for the whole run and drops to ``end_value`` at
-  :math:`T`. Counts below zero read as zero.
-
-  Google's BERT uses ``power=1.0``, ``end_value=0.0``. The shape of
+  with :math:`\eta_0 = 0`, :math:`\eta_W = \eta` and :math:`\eta_T =
+  \eta_{end}` exactly; :math:`t` is optax's count (0 for the first update),
+  and counts below zero read as zero. This is
   ``optax.join_schedules([optax.linear_schedule(0, peak, W),
-  optax.polynomial_schedule(peak, end, p, T - W)], [W])``, built with
-  ``optax.join_schedules`` on pieces that keep float32 precision at the ends
-  of each stage (optax's lose up to 16% there), with every argument checked.
+  optax.polynomial_schedule(peak, end, p, T - W)], [W])``, with pieces that
+  keep float32 precision at the ends of each stage (optax's lose up to 16%
+  there). Google's BERT uses ``power=1.0``, ``end_value=0.0``.
 
   Args:
     peak_value: :math:`\eta \ge 0`, the learning rate at the end of warmup.
     warmup_steps: :math:`W`, an int with ``0 <= W <= total_steps``.
-    total_steps: :math:`T \ge 1`, an int: the step count at which the
-      schedule reaches ``end_value``.
+    total_steps: :math:`T \ge 1`, an int: where ``end_value`` is reached.
     power: :math:`p > 0`, the power of the decay (1 is linear).
     end_value: :math:`\eta_{end}`, with ``0 <= end_value <= peak_value``.
 
   Returns:
-    An :data:`optax.Schedule`: a function from the step count (int or int32
-    array) to the learning rate.
+    An :data:`optax.Schedule`.
 
   Examples:
     >>> from lamb_optax import schedules
@@ -222,11 +195,9 @@ class LEGWConfig(NamedTuple):
   """The numbers :func:`legw` derives for one batch size.
 
   Attributes:
-    peak_value: The peak learning rate, the base one times
-      ``sqrt(batch_size / base_batch_size)``.
-    warmup_steps: The warmup iterations: the base ones, at every batch size.
-    total_steps: The iterations of the run:
-      ``ceil(base_total_steps * base_batch_size / batch_size)``.
+    peak_value: The base peak times ``sqrt(batch_size / base_batch_size)``.
+    warmup_steps: The base warmup iterations, at every batch size.
+    total_steps: ``ceil(base_total_steps * base_batch_size / batch_size)``.
   """
   peak_value: float
   warmup_steps: int
@@ -259,8 +230,8 @@ def legw_config(
 
   Examples:
     The paper's Table 4 (untuned LAMB for BERT, square-root scaling and
-    LEGW), from the recipe at batch size 512. The learning rate is printed as
-    the paper writes it, :math:`5 / (2^e \cdot 10^3)`:
+    LEGW), from the recipe at batch size 512, with the learning rate as the
+    paper writes it, :math:`5 / (2^e \cdot 10^3)`:
 
     >>> import math
     >>> from lamb_optax import schedules
@@ -288,9 +259,8 @@ def legw_config(
     You et al., `Large-Batch Training for LSTM and Beyond
     <https://arxiv.org/abs/1901.08256>`_, SC 2019 (LEGW).
   """
-  base_learning_rate = validation.check_real("base_learning_rate",
-                                             base_learning_rate,
-                                             positive=True)
+  base_learning_rate = validation.check_real(
+      "base_learning_rate", base_learning_rate, positive=True)
   base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
   base_warmup_steps = _check_int("base_warmup_steps", base_warmup_steps, 0)
   base_total_steps = _check_int("base_total_steps", base_total_steps, 1)
@@ -299,7 +269,6 @@ def legw_config(
     raise ValueError(
         f"`base_warmup_steps` ({base_warmup_steps}) must be <= "
         f"`base_total_steps` ({base_total_steps}).")
-  peak_value = base_learning_rate * math.sqrt(batch_size / base_batch_size)
   # Fixed epochs: the same number of examples, rounded up to whole steps.
   total_steps = -(-(base_total_steps * base_batch_size) // batch_size)
   if base_warmup_steps > total_steps:
@@ -307,8 +276,9 @@ def legw_config(
         f"`batch_size` {batch_size} is too large for this recipe: at a fixed "
         f"number of epochs the run has {total_steps} steps, fewer than the "
         f"{base_warmup_steps} warmup steps LEGW keeps at every batch size.")
-  return LEGWConfig(peak_value=peak_value, warmup_steps=base_warmup_steps,
-                    total_steps=total_steps)
+  return LEGWConfig(
+      peak_value=base_learning_rate * math.sqrt(batch_size / base_batch_size),
+      warmup_steps=base_warmup_steps, total_steps=total_steps)
 
 
 def legw(
@@ -329,15 +299,10 @@ def legw(
     \eta = \eta_0 \sqrt{k}, \qquad W = W_0, \qquad
     T = \lceil T_0 / k \rceil = \lceil T_0 B_0 / B \rceil,
 
-  then :func:`warmup_polynomial_decay` ``(eta, W, T, power=decay_power)``:
-  linear warmup from 0 over :math:`W` steps, decay to exactly 0 at step
-  :math:`T`. LEGW (Linear-Epoch Gradual Warmup) scales the warmup *epochs*
-  linearly with :math:`k`; an epoch has :math:`k` times fewer iterations, so
-  the warmup *iterations* stay :math:`W_0` at every batch size (and the
-  warmup is a :math:`k` times larger fraction of the run). When :math:`T_0
-  B_0` is not a multiple of :math:`B`, :math:`T` is rounded up, so the run
-  sees at least the base recipe's examples. Read the derived numbers with
-  :func:`legw_config`.
+  then :func:`warmup_polynomial_decay` ``(eta, W, T, power=decay_power)``.
+  LEGW (Linear-Epoch Gradual Warmup) scales the warmup *epochs* by :math:`k`,
+  so the warmup *iterations* stay :math:`W_0`. :func:`legw_config` gives the
+  numbers.
 
   Args:
     base_learning_rate: :math:`\eta_0 > 0`, the peak at ``base_batch_size``.
@@ -351,8 +316,7 @@ def legw(
     An :data:`optax.Schedule`.
 
   Examples:
-    The paper's Table 4 recipe at batch size 32K (see :func:`legw_config` for
-    the whole table):
+    Table 4's recipe at batch size 32K (:func:`legw_config` has the table):
 
     >>> from lamb_optax import schedules
     >>> base = dict(base_learning_rate=5 / (2**3 * 10**3),
@@ -390,21 +354,18 @@ def mixed_batch(
 
   Phase :math:`i` starts at step :math:`S_i = \sum_{j<i} T_j` (with
   :math:`T_j` the ``phase_steps``) and follows its own
-  :func:`warmup_polynomial_decay`:
+  :func:`warmup_polynomial_decay`, joined by ``optax.join_schedules``:
 
   .. math::
 
     \eta_t = \mathrm{wpd}(\eta_i, W_i, T_i)(t - S_i)
-    \quad \text{for } S_i \le t < S_i + T_i,
+    \quad \text{for } S_i \le t < S_i + T_i.
 
-  so the learning rate is 0 at the first step of every phase, peaks at
-  :math:`\eta_i` after :math:`W_i` steps of it and decays to ``end_value`` at
-  its end. After the last phase it stays at ``end_value``. This is the
-  paper's mixed-batch training of BERT: phase 1 at sequence length 128, phase
-  2 at 512 with a larger per-example cost and a smaller batch, re-warmed
-  because the loss landscape changes with the sequence length. Pair it with
-  :func:`split_steps`, :func:`phase_steps_from_epochs` or
-  :func:`phase_steps_from_tokens` for the phase lengths.
+  Each phase starts at 0, peaks at :math:`\eta_i` after :math:`W_i` of its
+  steps and decays to ``end_value``, which holds after the last phase: the
+  paper's mixed-batch BERT (sequence length 128, then 512 at a smaller batch,
+  warmed up again). :func:`split_steps`, :func:`phase_steps_from_epochs` and
+  :func:`phase_steps_from_tokens` give the phase lengths.
 
   Args:
     peak_values: One peak learning rate per phase, each >= 0.
@@ -437,11 +398,9 @@ def mixed_batch(
                                warmup_steps=warmup_steps,
                                phase_steps=phase_steps)
   phases = [
-      _checked_schedule(peak, warmup, steps, power, end_value,
-                        phase=f"[{i}]")
+      _checked_schedule(peak, warmup, steps, power, end_value, phase=f"[{i}]")
       for i, (peak, warmup, steps) in enumerate(
-          zip(peak_values, warmup_steps, phase_steps))
-  ]
+          zip(peak_values, warmup_steps, phase_steps))]
   boundaries = np.cumsum([int(s) for s in phase_steps])[:-1].tolist()
   return optax.join_schedules(phases, boundaries)
 
@@ -458,9 +417,8 @@ def split_steps(
 
   Phase :math:`i` gets :math:`\lfloor f_i T \rfloor` steps; the steps left
   over go one each to the phases with the largest remainders :math:`f_i T -
-  \lfloor f_i T \rfloor` (the earlier phase on ties): largest-remainder
-  rounding. A phase that would get 0 steps takes one from the longest phase,
-  so every phase has at least one step.
+  \lfloor f_i T \rfloor` (the earlier phase on ties). A phase that would get 0
+  steps takes one from the longest phase, so every phase has a step.
 
   Args:
     total_steps: :math:`T`, an int >= ``len(fractions)``.
@@ -500,7 +458,8 @@ def split_steps(
 
 def _phase_steps(budget: Fraction, per_step: list[int],
                  weights: list[Fraction]) -> tuple[int, ...]:
-  return tuple(_ceil(w * budget / n) for w, n in zip(weights, per_step))
+  """``ceil(w_i * budget / per_step_i)`` for each phase, exactly."""
+  return tuple(math.ceil(w * budget / n) for w, n in zip(weights, per_step))
 
 
 def phase_steps_from_epochs(
@@ -511,16 +470,15 @@ def phase_steps_from_epochs(
 ) -> tuple[int, ...]:
   r"""Steps per phase for an epoch budget, each phase at its own batch size.
 
-  Phase :math:`i` trains on the fraction :math:`f_i` of the
-  :math:`E \cdot N` examples at batch size :math:`B_i`:
+  Phase :math:`i` trains on the fraction :math:`f_i` of the :math:`E \cdot N`
+  examples at batch size :math:`B_i`:
 
   .. math::
 
     T_i = \lceil f_i E N / B_i \rceil,
 
-  rounded up so that the budget is covered (a phase may see up to one batch
-  more than its share). The arithmetic is exact (``epochs`` and
-  ``fractions`` are read as the decimals they print as).
+  rounded up so that the budget is covered, in exact arithmetic (``epochs``
+  and ``fractions`` are read as the decimals they print as).
 
   Args:
     epochs: :math:`E > 0`, passes over the data (int or float).
@@ -551,14 +509,10 @@ def phase_steps_from_epochs(
   """
   weights = _check_fractions(fractions)
   validation.check_real("epochs", epochs, positive=True)
-  epochs = _exact(epochs)
   num_examples = _check_int("num_examples", num_examples, 1)
-  batch_sizes = [
-      _check_int(f"batch_sizes[{i}]", b, 1)
-      for i, b in enumerate(
-          validation.check_sequence("batch_sizes", batch_sizes))]
+  batch_sizes = _check_ints("batch_sizes", batch_sizes)
   validation.check_same_length(batch_sizes=batch_sizes, fractions=weights)
-  return _phase_steps(epochs * num_examples, batch_sizes, weights)
+  return _phase_steps(_exact(epochs) * num_examples, batch_sizes, weights)
 
 
 def phase_steps_from_tokens(
@@ -576,7 +530,7 @@ def phase_steps_from_tokens(
 
     T_i = \lceil f_i K / (B_i L_i) \rceil,
 
-  rounded up so that the budget is covered, with exact arithmetic.
+  rounded up so that the budget is covered, in exact arithmetic.
 
   Args:
     total_tokens: :math:`K > 0`, the token budget (int, or a float such as
@@ -601,14 +555,8 @@ def phase_steps_from_tokens(
   """
   weights = _check_fractions(fractions)
   validation.check_real("total_tokens", total_tokens, positive=True)
-  batch_sizes = [
-      _check_int(f"batch_sizes[{i}]", b, 1)
-      for i, b in enumerate(
-          validation.check_sequence("batch_sizes", batch_sizes))]
-  sequence_lengths = [
-      _check_int(f"sequence_lengths[{i}]", n, 1)
-      for i, n in enumerate(validation.check_sequence("sequence_lengths",
-                                            sequence_lengths))]
+  batch_sizes = _check_ints("batch_sizes", batch_sizes)
+  sequence_lengths = _check_ints("sequence_lengths", sequence_lengths)
   validation.check_same_length(batch_sizes=batch_sizes,
                                sequence_lengths=sequence_lengths,
                                fractions=weights)
@@ -620,14 +568,17 @@ def phase_steps_from_tokens(
 # Batch-size scaling rules.
 
 
+def _batch_ratio(base_batch_size: int, batch_size: int) -> float:
+  """``B / B0``, both checked."""
+  base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
+  return _check_int("batch_size", batch_size, 1) / base_batch_size
+
+
 def _scaled(base_learning_rate, factor):
   if callable(base_learning_rate):
-    def schedule(count):
-      return factor * base_learning_rate(count)
-    return schedule
-  return factor * validation.check_real("base_learning_rate",
-                                        base_learning_rate,
-                                        positive=False)
+    return lambda count: factor * base_learning_rate(count)
+  return factor * validation.check_real(
+      "base_learning_rate", base_learning_rate, positive=False)
 
 
 def sqrt_scaled(
@@ -645,14 +596,12 @@ def sqrt_scaled(
   :func:`legw`).
 
   Args:
-    base_learning_rate: :math:`\eta(B_0)`: a real number >= 0, or an optax
-      schedule (every value of it is scaled).
+    base_learning_rate: :math:`\eta(B_0)`, a real number >= 0 or a schedule.
     base_batch_size: :math:`B_0`, an int >= 1.
     batch_size: :math:`B`, an int >= 1.
 
   Returns:
-    A float when ``base_learning_rate`` is a number, else an
-    :data:`optax.Schedule`.
+    A float for a number, an :data:`optax.Schedule` for a schedule.
 
   Examples:
     >>> from lamb_optax import schedules
@@ -663,9 +612,8 @@ def sqrt_scaled(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
-  base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
-  batch_size = _check_int("batch_size", batch_size, 1)
-  return _scaled(base_learning_rate, math.sqrt(batch_size / base_batch_size))
+  return _scaled(base_learning_rate,
+                 math.sqrt(_batch_ratio(base_batch_size, batch_size)))
 
 
 def linear_scaled(
@@ -682,14 +630,12 @@ def linear_scaled(
   Goyal et al.'s rule for SGD (with LARS, the paper's ImageNet baselines).
 
   Args:
-    base_learning_rate: :math:`\eta(B_0)`: a real number >= 0, or an optax
-      schedule (every value of it is scaled).
+    base_learning_rate: :math:`\eta(B_0)`, a real number >= 0 or a schedule.
     base_batch_size: :math:`B_0`, an int >= 1.
     batch_size: :math:`B`, an int >= 1.
 
   Returns:
-    A float when ``base_learning_rate`` is a number, else an
-    :data:`optax.Schedule`.
+    A float for a number, an :data:`optax.Schedule` for a schedule.
 
   Examples:
     >>> from lamb_optax import schedules
@@ -700,6 +646,4 @@ def linear_scaled(
     Goyal et al., `Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour
     <https://arxiv.org/abs/1706.02677>`_, 2017.
   """
-  base_batch_size = _check_int("base_batch_size", base_batch_size, 1)
-  batch_size = _check_int("batch_size", batch_size, 1)
-  return _scaled(base_learning_rate, batch_size / base_batch_size)
+  return _scaled(base_learning_rate, _batch_ratio(base_batch_size, batch_size))
