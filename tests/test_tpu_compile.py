@@ -1,0 +1,295 @@
+"""The BERT example compiled for TPU slices on this CPU (libtpu, no TPU).
+
+``examples/bert/train_compile.py`` compiles the training script's own steps
+for a topology; these tests run it, as a user would, on two v5e slices (4
+and 64 devices) at the same per-device batch, and check what a pod needs:
+it fits, no buffer holds the global batch, per-device memory and collective
+bytes do not grow with the device count, and LAMB's update adds at most one
+collective over AdamW's. A model without the activation constraints is
+compiled too, to show that the global-batch check catches what it is for.
+
+The TPU compiler comes from jax's ``tpu`` extra (.ci/run installs it). Where
+it is installed it must load: a broken compiler fails these tests. Only a
+machine without it (a developer's) skips them; CI never does.
+
+The HLO parsing of ``xla_report.py`` is checked on small hand-written
+modules, against byte counts worked out by hand.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+_EXAMPLE = _ROOT / "examples" / "bert"
+_HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
+_IN_CI = os.environ.get("CI", "").lower() == "true"
+
+needs_compiler = pytest.mark.skipif(
+    not _HAS_LIBTPU and not _IN_CI,
+    reason="the TPU compiler (pip install \"jax[tpu]==<jax version>\") is "
+    "not installed here; CI installs it and never skips")
+
+# The test model on a pod: scanned, rematerialised, bfloat16, FSDP; per
+# device 6 sequences of 32 (then 48) and 5 held-out ones. The global batches
+# (24/384 and 20/320) are no dimension of the model or of one device's
+# tokens, so a dimension of that size is the global batch.
+PER_DEVICE_BATCH, PER_DEVICE_EVAL = 6, 5
+SLICES = ("v5e-4", "v5e-64")
+
+
+def _overrides(num_devices: int) -> list[str]:
+  return [f"--config.global_batch_size={PER_DEVICE_BATCH * num_devices}",
+          f"--config.eval_batch_size={PER_DEVICE_EVAL * num_devices}",
+          "--config.num_micro_batches=1", "--config.scan_layers=True",
+          "--config.remat=True", "--config.fsdp=True",
+          "--config.dtype=bfloat16", "--config.fsdp_min_size=1024",
+          "--config.hidden_size=64", "--config.intermediate_size=256",
+          "--config.seq_lengths=(32, 48)"]
+
+
+def _compile(slice_name: str, out: pathlib.Path, *extra: str,
+             patch: str = "") -> dict:
+  """Runs train_compile.py as a user would and returns its JSON.
+
+  ``patch``: Python run after train_compile.py's imports, before its main
+  (to compile a deliberately broken model).
+  """
+  num_devices = int(slice_name.split("-")[1])
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  flags = ["--config", str(_EXAMPLE / "configs" / "test.py"),
+           f"--topology={slice_name}", f"--json={out}",
+           *_overrides(num_devices), *extra]
+  if patch:
+    command = ["-c", (
+        f"import sys; sys.path.insert(0, {str(_EXAMPLE)!r}); "
+        f"sys.argv = ['train_compile.py'] + {flags!r}\n"
+        f"import train_compile, utils, models\n{patch}\n"
+        "from absl import app; app.run(train_compile.main)")]
+  else:
+    command = [str(_EXAMPLE / "train_compile.py"), *flags]
+  result = subprocess.run(
+      [sys.executable, *command], cwd=_ROOT, env=env, capture_output=True,
+      text=True, timeout=900, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  # libtpu stays quiet: no start-up warnings on a machine with no TPU.
+  assert "TPU accelerator type" not in result.stderr, result.stderr[-2000:]
+  with open(out) as f:
+    return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+  out = tmp_path_factory.mktemp("tpu")
+  return {name: _compile(name, out / f"{name}.json",
+                         *(() if name == SLICES[0] else
+                           ("--optimizer_share=false",)))
+          for name in SLICES}
+
+
+def _programs(report):
+  return {row["program"]: row for row in report["programs"]}
+
+
+@needs_compiler
+def test_fits_and_no_buffer_holds_the_global_batch(reports):
+  for name, report in reports.items():
+    assert report["num_devices"] == int(name.split("-")[1])
+    assert report["fits"], name
+    for row in report["programs"]:
+      assert row["fits"] and row["memory"]["total"] <= row["hbm_capacity"]
+      assert row["global_batch_shapes"] == [], (name, row["program"])
+      assert row["flops"] > 0 and row["hbm_bytes"] > 0
+
+
+@needs_compiler
+def test_memory_per_device_is_flat_in_the_device_count(reports):
+  small, large = (_programs(reports[name]) for name in SLICES)
+  for program in small:
+    a, b = small[program]["memory"], large[program]["memory"]
+    # Sharded parameters shrink with more devices; nothing may grow.
+    assert b["arguments"] <= a["arguments"], program
+    assert b["temporaries"] <= 1.1 * a["temporaries"] + 2**20, program
+    assert (b["total"] - b["code"]) <= 1.1 * (a["total"] - a["code"]), program
+
+
+@needs_compiler
+def test_collective_bytes_per_device_are_flat_in_the_device_count(reports):
+  small, large = (_programs(reports[name]) for name in SLICES)
+  params_bytes = 4 * reports[SLICES[0]]["num_params"]
+  for program in small:
+    def total(row):
+      return sum(c["operand_bytes"] for c in row["collectives"].values())
+    # FSDP moves each parameter a bounded number of times whatever the
+    # device count: all-gathers of the weights and reductions of the
+    # gradients. At 64 devices XLA:TPU writes both as all-reduces of whole
+    # tensors (docs/tpu.md), so the bound is a few times the parameters'
+    # float32 bytes, not a multiple of the batch.
+    assert total(large[program]) <= 4 * params_bytes, program
+    assert total(small[program]) <= 4 * params_bytes, program
+
+
+@needs_compiler
+def test_lamb_update_adds_at_most_one_collective_over_adamw(reports):
+  updates = reports[SLICES[0]]["updates"]
+  lamb = sum(c["count"] for c in updates["optimizer"]["collectives"].values())
+  adamw = sum(c["count"] for c in updates["adamw"]["collectives"].values())
+  assert lamb - adamw <= 1, updates
+
+
+@needs_compiler
+def test_the_global_batch_check_catches_an_unconstrained_model(tmp_path):
+  """Without the activation constraints the global batch is on every device."""
+  report = _compile(
+      "v5e-4", tmp_path / "out.json", "--optimizer_share=false",
+      patch=("utils.ACTIVATION_RULES = ()\n"
+             "models.Embeddings.word_table = lambda self: "
+             "self.word.embedding"))
+  shapes = [s for row in report["programs"]
+            for s in row["global_batch_shapes"]]
+  assert shapes, report
+
+
+# A scheduled module as XLA:TPU prints it: a prefetch into on-chip memory
+# (S(1)), a fusion, an all-gather, and a loop of 5 iterations with an
+# all-reduce. Operands are printed by name, without their types.
+_HLO = """\
+HloModule m, is_scheduled=true
+
+%fused_add (p0: f32[4], p1: f32[4]) -> f32[4] {
+  %p0 = f32[4]{0:S(1)} parameter(0)
+  %p1 = f32[4]{0:S(1)} parameter(1)
+  %inner = f32[4]{0} all-reduce(%p0), replica_groups={}, to_apply=%sum
+  ROOT %add = f32[4]{0} add(%inner, %p1)
+}
+
+%sum (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %s = f32[] add(%x, %y)
+}
+
+%cond (arg: (s32[], f32[8])) -> pred[] {
+  %arg = (s32[], f32[8]{0}) parameter(0)
+  %i = s32[] get-tuple-element(%arg), index=0
+  %n = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (arg.1: (s32[], f32[8])) -> (s32[], f32[8]) {
+  %arg.1 = (s32[], f32[8]{0}) parameter(0)
+  %j = s32[] get-tuple-element(%arg.1), index=0
+  %v = f32[8]{0} get-tuple-element(%arg.1), index=1
+  %ar = bf16[8]{0} all-reduce(%v), replica_groups={}, to_apply=%sum
+  ROOT %t = (s32[], f32[8]{0}) tuple(%j, %ar)
+}
+
+ENTRY %main (a: f32[4], b: f32[4], c: (s32[], f32[8])) -> f32[16] {
+  %a = f32[4]{0} parameter(0)
+  %b = f32[4]{0:T(128)S(1)} parameter(1)
+  %c = (s32[], f32[8]{0}) parameter(2)
+  %cs = (f32[4]{0}, f32[4]{0:S(1)}, u32[]) copy-start(%a)
+  %cd = f32[4]{0:S(1)} copy-done(%cs)
+  %f = f32[4]{0} fusion(%cd, %b), kind=kLoop, calls=%fused_add
+  %w = (s32[], f32[8]{0}) while(%c), condition=%cond, body=%body
+  ROOT %ag = f32[16]{0} all-gather(%f), dimensions={0}
+}
+"""
+
+
+def _xla_report():
+  sys.path.insert(0, str(_EXAMPLE))
+  try:
+    import xla_report  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.remove(str(_EXAMPLE))
+  return xla_report
+
+
+def test_loops_run_their_trip_count():
+  xla_report = _xla_report()
+  counts = xla_report.executions(xla_report.parse_hlo(_HLO))
+  assert counts == {"main": 1.0, "body": 5.0, "cond": 5.0}
+
+
+def test_collectives_by_kind_with_operand_bytes():
+  xla_report = _xla_report()
+  got = xla_report.collectives(_HLO)
+  assert got == {
+      # Once, 16 B in (the fusion's f32[4]), 64 B out.
+      "all-gather": {"count": 1.0, "operand_bytes": 16.0,
+                     "result_bytes": 64.0},
+      # 5 times in the loop (f32[8] in, bf16[8] out), once fused (f32[4]).
+      "all-reduce": {"count": 6.0, "operand_bytes": 5 * 32.0 + 16.0,
+                     "result_bytes": 5 * 16.0 + 16.0}}
+
+
+def test_hbm_bytes_count_memory_space_zero_only():
+  xla_report = _xla_report()
+  # copy-start: reads a (16 B) into S(1), writes nothing to HBM; the fusion
+  # reads two S(1) operands and writes 16 B; the all-gather reads 16 B and
+  # writes 64 B; each of 5 iterations: the all-reduce reads 32 B and writes
+  # 16 B, and the condition's compare reads two s32 and writes a pred.
+  expected = 16 + 16 + (16 + 64) + 5 * (32 + 16) + 5 * (4 + 4 + 1)
+  assert xla_report.hbm_bytes(_HLO) == expected
+  assert xla_report.kernel_count(_HLO) == 1
+
+
+def test_shapes_with_the_global_batch():
+  xla_report = _xla_report()
+  assert xla_report.shapes_with_dim(_HLO, 16) == ["f32[16]"]
+  assert xla_report.shapes_with_dim(_HLO, 3) == []
+
+
+def test_topology_names():
+  xla_report = _xla_report()
+  pod = xla_report.topology("v3-1024")
+  assert (pod.num_chips, pod.num_devices, pod.jax_name) == (
+      1024, 2048, "v3:32x32")
+  assert pod.chip.device_hbm_bytes == 16 * 2**30
+  assert xla_report.topology("v4:2x2x4").num_devices == 16
+  for bad in ("v3-1000", "v4:2x2", "v9:2x2", "tpu"):
+    with pytest.raises(ValueError, match="`topology` must be one of"):
+      xla_report.topology(bad)
+
+
+@needs_compiler
+def test_update_benchmark_tpu_mode(tmp_path):
+  """benchmarks/update_step_tpu.py keeps LAMB's update at its floor on v3.
+
+  v3's layouts have no on-chip memory spaces, so there the HLO's HBM count
+  must agree with XLA's own bytes accessed; LAMB reads and writes at most
+  1.5x AdamW's bytes (floor: 40/28 = 1.43x) and adds at most one
+  collective over AdamW's under FSDP (all its norms in one all-reduce).
+  """
+  out = tmp_path / "tpu.json"
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)
+  result = subprocess.run(
+      [sys.executable, str(_ROOT / "benchmarks" / "update_step_tpu.py"),
+       "--quick", "--only", "lamb_optax.lamb", "--out", str(out)],
+      cwd=_ROOT, env=env, capture_output=True, text=True, timeout=900,
+      check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert "| lamb_optax.lamb |" in result.stdout
+  cells = json.loads(out.read_text())["cells"]
+  assert {(c["topology"], c["sharding"]) for c in cells} == {
+      (t, s) for t in ("v5e-4", "v3-16") for s in ("replicated", "FSDP")}
+  for cell in cells:
+    adamw, lamb = cell["rows"]["optax.adamw"], cell["rows"]["lamb_optax.lamb"]
+    assert lamb["x_adamw_bytes"] <= 1.5, cell
+    assert lamb["added_collectives"] <= 1, cell
+    if cell["topology"] == "v3-16" and cell["sharding"] == "replicated":
+      for row in (adamw, lamb):
+        assert row["hbm_bytes_per_param"] == pytest.approx(
+            row["xla_bytes_per_param"], rel=0.03), cell
+      assert adamw["hbm_bytes_per_param"] == pytest.approx(28.0, rel=0.02)
+      assert lamb["hbm_bytes_per_param"] == pytest.approx(40.0, rel=0.02)
