@@ -10,7 +10,6 @@ mapping can call any of them.
 """
 
 from lamb_optax._src.presets import deepspeed
-from lamb_optax._src.presets import ScheduledTrustRatioState
 from lamb_optax._src.presets import keras
 from lamb_optax._src.presets import nvlamb
 from lamb_optax._src.presets import tensorflow
@@ -18,7 +17,6 @@ from lamb_optax._src.presets import timm
 from lamb_optax._src.presets import torch_optimizer
 
 __all__ = (
-    "ScheduledTrustRatioState",
     "deepspeed",
     "keras",
     "nvlamb",

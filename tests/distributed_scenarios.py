@@ -183,8 +183,9 @@ def moment_leaves(state) -> dict:
   for path, leaf in jax.tree_util.tree_leaves_with_path(state):
     names = [getattr(k, "name", None) for k in path]
     for moment in ("mu", "nu", "ema"):
-      if moment in names:
-        keys = [str(k.key) for k in path if hasattr(k, "key")]
+      if moment in names:  # The params' keys, after the chain's link name.
+        keys = [str(k.key) for k in path[names.index(moment):]
+                if hasattr(k, "key")]
         out["/".join([moment] + keys)] = leaf
   return out
 

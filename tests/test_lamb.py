@@ -356,12 +356,8 @@ def test_jit_and_eager_agree(params, grads_seq):
 
 
 def _stored(opt_state):
-  """The StoredDirectionState of a lamb(store_direction=True) state."""
-  found = [s for s in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, lamb_optax.StoredDirectionState))
-           if isinstance(s, lamb_optax.StoredDirectionState)]
-  assert len(found) == 1
-  return found[0].direction
+  """The stored directions of a lamb(store_direction=True) state."""
+  return opt_state["direction"].direction
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -389,8 +385,8 @@ def test_store_direction_jit_matches_reference(case, params, grads_seq,
 
 
 def test_store_direction_state_is_the_chain_state_plus_u(params, grads_seq):
-  """The chain's state with one StoredDirectionState inserted before the
-  trust ratio's, holding the u of the last step."""
+  """The chain's state, whose 'direction' holds the u of the last step
+  (and no array without store_direction)."""
   kwargs = dict(CASES["everything"][0])
   learning_rate = kwargs.pop("learning_rate")
   stored = lamb_optax.lamb(learning_rate, store_direction=True, **kwargs)
@@ -398,21 +394,26 @@ def test_store_direction_state_is_the_chain_state_plus_u(params, grads_seq):
   _, _, stored_states = run_optimizer(stored, params, grads_seq[:3])
   _, _, plain_states = run_optimizer(plain, params, grads_seq[:3])
   for a, b in zip(stored_states, plain_states):
-    assert isinstance(a[3], lamb_optax.StoredDirectionState)
-    without = a[:3] + a[4:]
-    assert jax.tree.structure(without) == jax.tree.structure(b)
+    assert isinstance(a["direction"], lamb_optax.StoredDirectionState)
+    assert isinstance(b["direction"], lamb_optax.StoredDirectionState)
+    assert not jax.tree.leaves(b["direction"])
+    without = {name: part for name, part in a.items() if name != "direction"}
+    assert list(a) == list(b)
+    assert jax.tree.structure(without) == jax.tree.structure(
+        {name: part for name, part in b.items() if name != "direction"})
     for x, y in zip(jax.tree.leaves(without), jax.tree.leaves(b)):
       assert x.dtype == y.dtype and x.shape == y.shape
       np.testing.assert_allclose(np.asarray(x, np.float64),
                                  np.asarray(y, np.float64), rtol=2e-5,
                                  atol=1e-12)
     # u is stored for the leaves that get a ratio, and only for them.
-    adapted = flat_mask(TRUST_MASK, params)
-    assert not all(adapted) and any(adapted)
-    stored_leaves = jax.tree.structure(params).flatten_up_to(a[3].direction)
-    for buffer, x, adapt in zip(stored_leaves, jax.tree.leaves(params),
-                                adapted):
-      if adapt:
+    in_mask = flat_mask(TRUST_MASK, params)
+    assert not all(in_mask) and any(in_mask)
+    stored_leaves = jax.tree.structure(params).flatten_up_to(
+        a["direction"].direction)
+    for buffer, x, in_trust_ratio_mask in zip(
+        stored_leaves, jax.tree.leaves(params), in_mask):
+      if in_trust_ratio_mask:
         assert (buffer.shape, buffer.dtype) == (np.shape(x), x.dtype)
       else:
         assert buffer is None

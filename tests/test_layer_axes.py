@@ -359,7 +359,7 @@ def test_scale_by_trust_ratio_per_slice(layer_axes, params, grads_seq):
             "trust_ratio_bounds": (1e-2, 5.0)}
   mask = {"dense": True, "neg": False, "norm": True, "quad": True,
           "stack": True}
-  tx = lamb_optax.scale_by_trust_ratio(mask=mask, layer_axes=layer_axes,
+  tx = lamb_optax.scale_by_trust_ratio(trust_ratio_mask=mask, layer_axes=layer_axes,
                                        **kwargs)
   axes_per_leaf = per_leaf_axes(LAYER_AXES, params)
   xs = unstack(params, axes_per_leaf)
@@ -434,9 +434,7 @@ def test_state_ratio_shapes_and_init(opt_name, params, grads_seq):
       "lars": lambda **kw: lamb_optax.lars(LR, **kw),
       "trust_ratio": lamb_optax.scale_by_trust_ratio,
   }[opt_name]
-  opt = make(layer_axes=LAYER_AXES_PREFIX, trust_ratio_mask=TRUST_MASK) if (
-      opt_name != "trust_ratio") else make(layer_axes=LAYER_AXES_PREFIX,
-                                           mask=TRUST_MASK)
+  opt = make(layer_axes=LAYER_AXES_PREFIX, trust_ratio_mask=TRUST_MASK)
   p = jax.tree.map(jnp.asarray, params)
   state = opt.init(p)
   want_shapes = {"dense": {"bias": (), "kernel": ()}, "neg": {"w": (5,)},

@@ -396,7 +396,7 @@ def test_update_needs_params(peer, params, grads_seq):
 
 def test_public_face():
   assert set(presets.__all__) == {
-      "ScheduledTrustRatioState", "deepspeed", "keras", "nvlamb",
+      "deepspeed", "keras", "nvlamb",
       "tensorflow", "timm", "torch_optimizer"}
   for name in presets.__all__:
     assert getattr(presets, name).__doc__
@@ -663,20 +663,19 @@ def test_tensorflow_masks_and_regexes():
     ("keras", {"learning_rate": lr_schedule, "weight_decay": WD}),
     ("keras", {"weight_decay": wd_schedule}),
 ])
-def test_a_count_is_kept_only_when_a_schedule_needs_one(peer, kwargs, params):
-  """As optax.add_decayed_weights: a scheduled rule of the ratio keeps a
-  count (ScheduledTrustRatioState), a constant one does not."""
+def test_the_trust_ratio_state_is_one_type_whatever_the_options(
+    peer, kwargs, params):
+  """A scheduled rule of the ratio and a constant one keep the same state,
+  under the same name, with a count that follows the steps."""
   p = jax.tree.map(jnp.asarray, params)
-  is_trust = lambda x: isinstance(x, (lamb_optax.ScaleByTrustRatioState,
-                                      presets.ScheduledTrustRatioState))
-
-  def trust_state(opt):
-    (state,) = [s for s in jax.tree.leaves(opt.init(p), is_leaf=is_trust)
-                if is_trust(s)]
-    return state
-
-  scheduled = trust_state(PEERS[peer][0](**kwargs))
-  assert isinstance(scheduled, presets.ScheduledTrustRatioState)
-  assert scheduled.count.dtype == jnp.int32
-  constant = trust_state(PEERS[peer][0](learning_rate=LR, weight_decay=WD))
-  assert isinstance(constant, lamb_optax.ScaleByTrustRatioState)
+  scheduled_opt = PEERS[peer][0](**kwargs)
+  scheduled = scheduled_opt.init(p)
+  constant = PEERS[peer][0](learning_rate=LR, weight_decay=WD).init(p)
+  for state in (scheduled, constant):
+    assert type(state["trust_ratio"]) is lamb_optax.ScaleByTrustRatioState
+    assert state["trust_ratio"].count.dtype == jnp.int32
+  assert (jax.tree.structure(scheduled["trust_ratio"])
+          == jax.tree.structure(constant["trust_ratio"]))
+  grads = jax.tree.map(jnp.ones_like, p)
+  _, scheduled = scheduled_opt.update(grads, scheduled, p)
+  assert int(scheduled["trust_ratio"].count) == 1

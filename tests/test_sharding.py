@@ -271,19 +271,19 @@ def test_state_shardings_places_moments_like_params():
   shardings = state_shardings(tx, params, param_sh)
   state_shape = jax.eval_shape(tx.init, params)
   assert jax.tree.structure(shardings) == jax.tree.structure(state_shape)
-  adam_sh = shardings[1]
+  adam_sh = shardings["adam"]
   assert adam_sh.mu == param_sh and adam_sh.nu == param_sh
   replicated = NamedSharding(mesh, P())
   assert adam_sh.count == replicated
   # The ratios: params-shaped, of the layer axes' shape (3,) for the stack
   # and scalars: replicated (a scalar parameter's own sharding is P() too).
-  trust_sh = shardings[3]
+  trust_sh = shardings["trust_ratio"]
   assert trust_sh == lamb_optax.ScaleByTrustRatioState(
-      trust_ratios={"stack": replicated, "w": replicated, "s": replicated})
+      count=replicated, trust_ratios={"stack": replicated, "w": replicated, "s": replicated})
   # Used as out_shardings of the jitted init, on real arrays.
   real = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
   state = jax.jit(tx.init, out_shardings=shardings)(real)
-  assert state[1].mu["stack"].sharding == param_sh["stack"]
+  assert state["adam"].mu["stack"].sharding == param_sh["stack"]
 
 
 def test_state_shardings_places_per_layer_ratios_like_their_layer_axes():
@@ -297,7 +297,7 @@ def test_state_shardings_places_per_layer_ratios_like_their_layer_axes():
   param_sh = {"stack": NamedSharding(mesh, P("data", None)),
               "square": NamedSharding(mesh, P("data", None))}
   tx = lamb_optax.lamb(1e-3, layer_axes=0)
-  trust_sh = state_shardings(tx, params, param_sh)[2]
+  trust_sh = state_shardings(tx, params, param_sh)["trust_ratio"]
   assert trust_sh.trust_ratios["stack"] == NamedSharding(mesh, P("data"))
   # (4,) is axis 0 ("data") or axis 1 (unsplit) of (4, 4, 2): replicated.
   assert trust_sh.trust_ratios["square"] == NamedSharding(mesh, P())
@@ -317,9 +317,9 @@ def test_state_shardings_with_masked_state_and_single_leaf():
   # A single array as params.
   tx = lamb_optax.lars(1e-3)
   shardings = state_shardings(tx, jnp.ones((4, 3)), sharding)
-  assert shardings[1].ema == sharding
-  assert shardings[1].count == NamedSharding(mesh, P())
-  assert shardings[2].trust_ratios == NamedSharding(mesh, P())
+  assert shardings["momentum"].ema == sharding
+  assert shardings["momentum"].count == NamedSharding(mesh, P())
+  assert shardings["trust_ratio"].trust_ratios == NamedSharding(mesh, P())
 
 
 def test_state_shardings_zero_axis_on_one_device_mesh():
@@ -327,6 +327,6 @@ def test_state_shardings_zero_axis_on_one_device_mesh():
   params = {"w": np.ones((4, 2), np.float32), "s": np.ones((), np.float32)}
   shardings = state_shardings(lamb_optax.lamb(1e-3), params,
                               NamedSharding(mesh, P()), zero_axis="data")
-  assert shardings[0].mu["w"].spec == P("data", None)
-  assert shardings[0].mu["s"].spec == P()  # No dimension to split.
-  assert shardings[0].count.spec == P()
+  assert shardings["adam"].mu["w"].spec == P("data", None)
+  assert shardings["adam"].mu["s"].spec == P()  # No dimension to split.
+  assert shardings["adam"].count.spec == P()

@@ -158,7 +158,7 @@ def test_ratios_after_several_steps_follow_the_current_params():
     updates, state = tx.update(small_grads(seed), state, params)
     last_params = params
     params = optax.apply_updates(params, updates)
-  adam_state = state[0]
+  adam_state = state["adam"]
   t = int(adam_state.count)
   expected = []
   for x, m, v in zip(leaves64(last_params), leaves64(adam_state.mu),

@@ -36,12 +36,13 @@ CASES = {
     "trust_ratio_bounds": {"trust_ratio_bounds": (0.1, 5.0)},
     "both_bounds": {"param_norm_bounds": (0.5, 8.0),
                     "trust_ratio_bounds": (0.1, 5.0)},
-    "mask": {"mask": {"conv": False, "dense": True, "embed": True,
-                      "head": False, "norm": True}},
+    "trust_ratio_mask": {"trust_ratio_mask": {
+        "conv": False, "dense": True, "embed": True, "head": False,
+        "norm": True}},
     "everything": {"trust_coefficient": 3.0, "eps": 1e-3,
                    "param_norm_bounds": (0.05, 2.0),
                    "trust_ratio_bounds": (0.0, 10.0),
-                   "mask": lambda p: jax.tree.map(lambda x: x.ndim != 1, p)},
+                   "trust_ratio_mask": lambda p: jax.tree.map(lambda x: x.ndim != 1, p)},
 }
 
 
@@ -53,9 +54,10 @@ def test_matches_reference(case, params):
   state = tx.init(params)
   scaled, state = tx.update(updates, state, params)
 
-  mask = (flat_mask(kwargs["mask"], params) if "mask" in kwargs
+  mask = (flat_mask(kwargs["trust_ratio_mask"], params)
+          if "trust_ratio_mask" in kwargs
           else [True] * len(jax.tree.leaves(params)))
-  ratio_kwargs = {k: v for k, v in kwargs.items() if k != "mask"}
+  ratio_kwargs = {k: v for k, v in kwargs.items() if k != "trust_ratio_mask"}
   want_ratios, raw = [], []
   for x, u, adapt in zip(to_numpy64(params), to_numpy64(updates), mask):
     if adapt:
@@ -150,7 +152,7 @@ def test_masked_layers_pass_through_untouched():
   updates = {"a": jnp.array([1e-3, -2e-3, 3e-3]),
              "b": jnp.full((2, 2), 1e-3)}
   tx = lamb_optax.scale_by_trust_ratio(
-      trust_ratio_bounds=(2.0, 3.0), mask={"a": False, "b": True})
+      trust_ratio_bounds=(2.0, 3.0), trust_ratio_mask={"a": False, "b": True})
   scaled, state = tx.update(updates, tx.init(params), params)
   assert float(state.trust_ratios["a"]) == 1.0
   np.testing.assert_array_equal(scaled["a"], updates["a"])
@@ -286,7 +288,7 @@ def test_grouped_small_leaves_and_single_leaves_match_reference(masked):
   assert np.size(params["b_big"]) > SMALL >= np.size(params["a_bias"])
   mask = ({k: k not in ("c_bias", "f_big") for k in params} if masked
           else None)
-  tx = lamb_optax.scale_by_trust_ratio(mask=mask)
+  tx = lamb_optax.scale_by_trust_ratio(trust_ratio_mask=mask)
   scaled, state = jax.jit(tx.update)(updates, tx.init(params), params)
   ratios = lamb_optax.trust_ratios(state)
   for key in params:
@@ -379,11 +381,12 @@ def test_state_is_params_shaped_float32_ratios():
             "s": jnp.ones(())}
   tx = lamb_optax.scale_by_trust_ratio(layer_axes={"stack": 0, "w": None,
                                                    "s": None},
-                                       mask={"stack": True, "w": False,
-                                             "s": True})
+                                       trust_ratio_mask={"stack": True,
+                                                         "w": False,
+                                                         "s": True})
   state = tx.init(params)
   assert type(state) is lamb_optax.ScaleByTrustRatioState
-  assert state._fields == ("trust_ratios",)
+  assert state._fields == ("count", "trust_ratios")
   assert jax.tree.structure(state.trust_ratios) == jax.tree.structure(params)
   assert jax.tree.map(lambda r: (r.shape, r.dtype), state.trust_ratios) == {
       "stack": ((3,), jnp.float32), "w": ((), jnp.float32),

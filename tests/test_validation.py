@@ -171,7 +171,7 @@ def test_floating_moment_dtype_accepted_and_kept(name, dtype):
   tx = lamb_optax.lamb(1e-2, **{name: dtype})
   params = _params()
   _, state = tx.update(_grads(), tx.init(params), params)
-  moment = state[0].mu if name == "mu_dtype" else state[0].nu
+  moment = state["adam"].mu if name == "mu_dtype" else state["adam"].nu
   assert {leaf.dtype for leaf in jax.tree.leaves(moment)} == {jnp.dtype(dtype)}
 
 
@@ -346,19 +346,36 @@ def test_mask_that_does_not_fit_params_names_the_argument(
 
 @pytest.mark.parametrize("form", ["tree", "callable"])
 @pytest.mark.parametrize("kind", sorted(_bad_masks()))
-def test_scale_by_trust_ratio_mask_that_does_not_fit_names_mask(kind, form):
+def test_scale_by_trust_ratio_mask_that_does_not_fit_names_it(kind, form):
   mask = _bad_masks()[kind]
   if form == "callable":
     mask = (lambda m: lambda params: m)(mask)
-  with pytest.raises((ValueError, TypeError), match=_named("mask")):
-    _run_one_step(lamb_optax.scale_by_trust_ratio(mask=mask))
+  with pytest.raises((ValueError, TypeError),
+                     match=_named("trust_ratio_mask")):
+    _run_one_step(lamb_optax.scale_by_trust_ratio(trust_ratio_mask=mask))
 
 
 @pytest.mark.parametrize("leaf", [1, 0.0, "yes", None])
 def test_trust_ratio_mask_with_non_bool_leaves_rejected(leaf):
   mask = {"dense": {"kernel": True, "bias": leaf}, "scale": True}
-  with pytest.raises((ValueError, TypeError), match=_named("mask")):
-    _run_one_step(lamb_optax.scale_by_trust_ratio(mask=mask))
+  with pytest.raises((ValueError, TypeError),
+                     match=_named("trust_ratio_mask")):
+    _run_one_step(lamb_optax.scale_by_trust_ratio(trust_ratio_mask=mask))
+
+
+def test_scale_by_trust_ratio_mask_keyword_is_deprecated():
+  mask = {"dense": {"kernel": True, "bias": False}, "scale": True}
+  with pytest.warns(DeprecationWarning, match="`trust_ratio_mask`"):
+    old = lamb_optax.scale_by_trust_ratio(mask=mask)
+  new = lamb_optax.scale_by_trust_ratio(trust_ratio_mask=mask)
+  params = _params()
+  for a, b in zip(jax.tree.leaves(old.update(_grads(), old.init(params),
+                                             params)),
+                  jax.tree.leaves(new.update(_grads(), new.init(params),
+                                             params))):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match="`trust_ratio_mask` or `mask`"):
+    lamb_optax.scale_by_trust_ratio(mask=mask, trust_ratio_mask=mask)
 
 
 @pytest.mark.parametrize("argname", ["weight_decay_mask", "trust_ratio_mask"])

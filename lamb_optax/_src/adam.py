@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lamb_optax._src import alias
 from lamb_optax._src import numerics
 from lamb_optax._src import validation
 
@@ -187,10 +188,12 @@ def scale_by_adam(
   check_arguments(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
                   bias_correction=bias_correction, mu_dtype=mu_dtype,
                   nu_dtype=nu_dtype)
-  return adam_transform(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-                        mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                        nesterov=nesterov_form(nesterov),
-                        bias_correction=bias_correction, check_inputs=True)
+  return alias.with_input_checks(
+      adam_transform(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
+                     mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+                     nesterov=nesterov_form(nesterov),
+                     bias_correction=bias_correction),
+      "scale_by_adam", updates_like=lambda state: state.mu)
 
 
 def check_arguments(*, b1: Any, b2: Any, eps: Any, eps_root: Any,
@@ -225,17 +228,16 @@ def nesterov_form(nesterov: Any) -> Optional[str]:
 
 
 def adam_transform(*, b1: Any, b2: Any, eps: Any, eps_root: Any,
-                   mu_dtype: Any, nu_dtype: Any, nesterov: Optional[str],
-                   bias_correction: bool,
-                   check_inputs: bool) -> optax.GradientTransformation:
-  """:func:`scale_by_adam` with checked arguments; ``check_inputs=False``
-  when an alias has checked the updates at its boundary."""
+                   mu_dtype: Any = None, nu_dtype: Any = None,
+                   nesterov: Optional[str] = None,
+                   bias_correction: bool = True
+                   ) -> optax.GradientTransformation:
+  """:func:`scale_by_adam` of checked arguments, trusting the input checks of
+  its caller (:func:`lamb_optax._src.alias.with_input_checks`)."""
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   nu_dtype = None if nu_dtype is None else jnp.dtype(nu_dtype)
 
   def init_fn(params):
-    if check_inputs:
-      validation.check_params(params)
     return ScaleByAdamState(
         count=jnp.zeros([], jnp.int32),
         mu=jax.tree.map(lambda p: jnp.zeros_like(p, dtype=mu_dtype), params),
@@ -244,11 +246,6 @@ def adam_transform(*, b1: Any, b2: Any, eps: Any, eps_root: Any,
 
   def update_fn(updates, state, params=None):
     del params
-    if check_inputs:
-      validation.check_inexact_leaves(updates, "updates")
-      validation.check_same_structure(state.mu, updates, "updates",
-                                      "the params given to init")
-      validation.check_updates_match_params(updates, state.mu)
     count = optax.safe_int32_increment(state.count)
     sc = adam_scalars(count, b1, b2, bias_correction)
 

@@ -2,10 +2,11 @@ r"""LAMB: Adam's direction rescaled per layer by a trust ratio."""
 
 from typing import Any, Optional, Union
 
+import jax
 import optax
 
 from lamb_optax._src import adam
-from lamb_optax._src import checked
+from lamb_optax._src import alias
 from lamb_optax._src import docstrings
 from lamb_optax._src import layers
 from lamb_optax._src import stored_direction
@@ -69,15 +70,20 @@ def lamb(
 
   It is::
 
-    optax.chain(
-        optax.clip_by_global_norm(max_grad_norm),   # only if set
-        lamb_optax.scale_by_adam(b1, b2, eps, eps_root, ...),
-        optax.add_decayed_weights(weight_decay, weight_decay_mask),
-        lamb_optax.scale_by_trust_ratio(mask=trust_ratio_mask, ...),
-        optax.scale_by_learning_rate(learning_rate),
+    optax.named_chain(
+        ('clip', optax.clip_by_global_norm(max_grad_norm)),  # or identity
+        ('adam', lamb_optax.scale_by_adam(b1, b2, eps, eps_root, ...)),
+        ('weight_decay', optax.add_decayed_weights(weight_decay,
+                                                   weight_decay_mask)),
+        ('direction', <u kept in the state with store_direction>),
+        ('trust_ratio', lamb_optax.scale_by_trust_ratio(
+            trust_ratio_mask=trust_ratio_mask, ...)),
+        ('learning_rate', optax.scale_by_learning_rate(learning_rate)),
     )
 
-  with the inputs checked once and the masks resolved once per call. The
+  with the inputs checked once and the masks resolved once per call. Every
+  link is there whatever the options, so a component of the state is found
+  by its name: ``state['adam'].mu``, ``state['trust_ratio'].trust_ratios``. The
   positional arguments are :func:`optax.lamb`'s, with its defaults, which
   are the paper's; its seventh, ``mask``, is ``weight_decay_mask`` here (the
   name every lamb_optax optimizer uses), and ``mask=`` is accepted as
@@ -87,15 +93,15 @@ def lamb(
   ``update`` accepts extra keyword arguments.
 
   ``store_direction=True`` is the fast path on CPU: :math:`u_t` is kept in a
-  params-shaped buffer of the optimizer state (a
+  params-shaped buffer of the optimizer state (``state['direction']``, a
   :class:`lamb_optax.StoredDirectionState`) instead of a temporary of the
-  step, which makes a jitted step that donates the state about 1.5x faster
-  on CPU (docs/performance.md says why, and what it measured). The updates
-  are the same numbers either way. The cost is memory: one more
-  params-shaped array of state for the leaves in ``trust_ratio_mask`` (4
-  bytes per parameter, in float32 for float32 and bfloat16 params alike;
-  438 MB on BERT-base), held between steps. The state's layout depends on
-  this argument only, never on the backend.
+  step, which makes a jitted step that donates the state faster on CPU
+  (docs/performance.md says why, and what it measured). The updates are the
+  same numbers either way. The cost is memory: one more params-shaped array
+  of state for the leaves in ``trust_ratio_mask`` (4 bytes per parameter, in
+  float32 for float32 and bfloat16 params alike), held between steps.
+  Without it, ``state['direction']`` holds no array. The state's layout
+  never depends on the backend.
 
   Args:
     learning_rate: :math:`\eta_t`, a scalar or an optax schedule.
@@ -136,6 +142,15 @@ def lamb(
     >>> print(f"{f(params):.3f}")
     7.942
 
+    The state's components are found by name, whatever the options:
+
+    >>> opt = lamb_optax.lamb(0.1, max_grad_norm=1.0, store_direction=True)
+    >>> state = opt.init(params)
+    >>> list(state)
+    ['clip', 'adam', 'weight_decay', 'direction', 'trust_ratio', 'learning_rate']
+    >>> state['adam'].mu.shape
+    (3,)
+
   References:
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
@@ -147,30 +162,30 @@ def lamb(
                        nu_dtype=nu_dtype)
   nesterov = adam.nesterov_form(nesterov)
   validation.check_finite_non_negative("weight_decay", weight_decay)
-  checked.check_max_grad_norm(max_grad_norm)
+  alias.check_max_grad_norm(max_grad_norm)
   validation.check_bool("store_direction", store_direction)
   options = trust_ratio.check_arguments(param_norm_bounds=param_norm_bounds,
                                         trust_ratio_bounds=trust_ratio_bounds)
   def build(specs):
-    return optax.chain(
-        *checked.clip(max_grad_norm, specs),
-        adam.adam_transform(b1=b1, b2=b2, eps=eps, eps_root=eps_root,
-                            mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-                            nesterov=nesterov,
-                            bias_correction=bias_correction,
-                            check_inputs=False),
-        optax.add_decayed_weights(
-            weight_decay, checked.decay_mask(specs, weight_decay_mask)),
-        *([stored_direction.store_in_state(checked.adapted(specs))]
-          if store_direction else []),
-        trust_ratio.trust_ratio_transform(lambda _: specs, options,
-                                          check_inputs=False),
-        optax.scale_by_learning_rate(learning_rate),
+    stored = alias.trust_ratio_mask(specs)
+    if not store_direction:
+      stored = jax.tree.map(lambda _: False, stored)
+    return optax.named_chain(
+        ("clip", alias.clip(max_grad_norm, specs)),
+        ("adam", adam.adam_transform(
+            b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype, nesterov=nesterov,
+            bias_correction=bias_correction)),
+        ("weight_decay", optax.add_decayed_weights(
+            weight_decay, alias.weight_decay_mask(specs, weight_decay_mask))),
+        ("direction", stored_direction.store_in_state(stored)),
+        ("trust_ratio", trust_ratio.trust_ratio_transform(specs, options)),
+        ("learning_rate", optax.scale_by_learning_rate(learning_rate)),
     )
 
-  return checked.alias("lamb", build, adapt_mask=trust_ratio_mask,
-                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
-                       axis_name=axis_name)
+  return alias.alias("lamb", build, trust_ratio_mask=trust_ratio_mask,
+                     weight_decay_mask=weight_decay_mask,
+                     layer_axes=layer_axes, axis_name=axis_name)
 
 
 def _optax_mask(mask: Any, weight_decay_mask: Any) -> Any:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lamb_optax._src import checked
+from lamb_optax._src import alias
 from lamb_optax._src import docstrings
 from lamb_optax._src import layers
 from lamb_optax._src import numerics
@@ -54,13 +54,15 @@ def lars(
   ``trust_coefficient``, :math:`\phi` the identity or a clip to
   ``param_norm_bounds``, the ratio 1 where :math:`\phi(\|x\|)=0` or
   :math:`\|d\|=0`, then clipped to ``trust_ratio_bounds``; leaves outside
-  ``trust_ratio_mask`` take the plain momentum step. It is
-  ``optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask),
-  <damped momentum>, lamb_optax.scale_by_trust_ratio(...),
-  optax.scale_by_learning_rate(learning_rate))``, where the damped momentum
-  computes :math:`d_t` (without ``nesterov``, what ``optax.ema(momentum,
-  debias=False)`` computes) but keeps the state dtype fixed, with the inputs
-  checked once.
+  ``trust_ratio_mask`` take the plain momentum step. It is the
+  :func:`optax.named_chain` of ``'clip'`` (``max_grad_norm``, or the
+  identity), ``'weight_decay'`` (:func:`optax.add_decayed_weights`),
+  ``'momentum'`` (the damped momentum: :math:`d_t`, without ``nesterov``
+  what ``optax.ema(momentum, debias=False)`` computes, with the state dtype
+  kept fixed), ``'trust_ratio'`` (:func:`lamb_optax.scale_by_trust_ratio`)
+  and ``'learning_rate'`` (:func:`optax.scale_by_learning_rate`), with the
+  inputs checked once; the state's components are found by these names
+  (``state['momentum'].ema``) whatever the options.
 
   How it differs from :func:`optax.lars`: the positional arguments are
   optax's, in optax's order, but the algorithm is the paper's. optax
@@ -120,25 +122,24 @@ def lars(
   validation.check_unit_interval("momentum", momentum)
   validation.check_bool("nesterov", nesterov)
   validation.check_finite_non_negative("weight_decay", weight_decay)
-  checked.check_max_grad_norm(max_grad_norm)
+  alias.check_max_grad_norm(max_grad_norm)
   options = trust_ratio.check_arguments(
       trust_coefficient=trust_coefficient, eps=eps,
       param_norm_bounds=param_norm_bounds,
       trust_ratio_bounds=trust_ratio_bounds)
   def build(specs):
-    return optax.chain(
-        *checked.clip(max_grad_norm, specs),
-        optax.add_decayed_weights(
-            weight_decay, checked.decay_mask(specs, weight_decay_mask)),
-        damped_momentum(momentum, nesterov=nesterov),
-        trust_ratio.trust_ratio_transform(lambda _: specs, options,
-                                          check_inputs=False),
-        optax.scale_by_learning_rate(learning_rate),
+    return optax.named_chain(
+        ("clip", alias.clip(max_grad_norm, specs)),
+        ("weight_decay", optax.add_decayed_weights(
+            weight_decay, alias.weight_decay_mask(specs, weight_decay_mask))),
+        ("momentum", damped_momentum(momentum, nesterov=nesterov)),
+        ("trust_ratio", trust_ratio.trust_ratio_transform(specs, options)),
+        ("learning_rate", optax.scale_by_learning_rate(learning_rate)),
     )
 
-  return checked.alias("lars", build, adapt_mask=trust_ratio_mask,
-                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
-                       axis_name=axis_name)
+  return alias.alias("lars", build, trust_ratio_mask=trust_ratio_mask,
+                     weight_decay_mask=weight_decay_mask,
+                     layer_axes=layer_axes, axis_name=axis_name)
 
 
 def damped_momentum(momentum: float, *,

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import optax
 
 from lamb_optax._src import adam as adam_lib
-from lamb_optax._src import checked
+from lamb_optax._src import alias
 from lamb_optax._src import docstrings
 from lamb_optax._src import lamb as lamb_lib
 from lamb_optax._src import layers
@@ -43,7 +43,6 @@ from lamb_optax._src import trust_ratio
 from lamb_optax._src import validation
 
 TrustRatioOptions = trust_ratio.TrustRatioOptions
-ScheduledTrustRatioState = trust_ratio.ScheduledTrustRatioState
 
 
 def _check_common(learning_rate, b1, b2, eps, weight_decay, max_grad_norm,
@@ -54,21 +53,36 @@ def _check_common(learning_rate, b1, b2, eps, weight_decay, max_grad_norm,
                            bias_correction=flags.pop("bias_correction", True))
   if weight_decay is not None:
     validation.check_finite_non_negative("weight_decay", weight_decay)
-  checked.check_max_grad_norm(max_grad_norm)
+  alias.check_max_grad_norm(max_grad_norm)
   for name, value in flags.items():
     validation.check_bool(name, value)
 
 
 def _adam(b1, b2, eps, *, eps_root=0.0, bias_correction=True):
-  """Adam's direction, trusting the preset's checks."""
-  return adam_lib.adam_transform(
-      b1=b1, b2=b2, eps=eps, eps_root=eps_root, mu_dtype=None, nu_dtype=None,
-      nesterov=None, bias_correction=bias_correction, check_inputs=False)
+  """The ``'adam'`` link: Adam's direction."""
+  return ("adam", adam_lib.adam_transform(b1=b1, b2=b2, eps=eps,
+                                          eps_root=eps_root,
+                                          bias_correction=bias_correction))
+
+
+def _weight_decay(weight_decay, specs, weight_decay_mask):
+  """The ``'weight_decay'`` link (the identity for a None decay)."""
+  if weight_decay is None:
+    return ("weight_decay", optax.identity())
+  return ("weight_decay", optax.add_decayed_weights(
+      weight_decay, alias.weight_decay_mask(specs, weight_decay_mask)))
 
 
 def _trust_ratio(specs, options):
-  return trust_ratio.trust_ratio_transform(lambda _: specs, options,
-                                           check_inputs=False)
+  return ("trust_ratio", trust_ratio.trust_ratio_transform(specs, options))
+
+
+def _clip(max_grad_norm, specs, **kwargs):
+  return ("clip", alias.clip(max_grad_norm, specs, **kwargs))
+
+
+def _learning_rate(learning_rate):
+  return ("learning_rate", optax.scale_by_learning_rate(learning_rate))
 
 
 def _bias_correction_factor(b1: Any, b2: Any) -> optax.GradientTransformation:
@@ -84,6 +98,12 @@ def _bias_correction_factor(b1: Any, b2: Any) -> optax.GradientTransformation:
             / adam_lib.one_minus_power(b1, t))
 
   return optax.scale_by_schedule(factor)
+
+
+def _bias_correction(on: bool, b1: Any, b2: Any) -> tuple[str, Any]:
+  """The ``'bias_correction'`` link: the factor, or the identity."""
+  return ("bias_correction",
+          _bias_correction_factor(b1, b2) if on else optax.identity())
 
 
 @docstrings.with_shared_args
@@ -173,24 +193,24 @@ def nvlamb(
   options = TrustRatioOptions(decay_gate=None if use_nvlamb else weight_decay)
 
   def build(specs):
-    decay = optax.add_decayed_weights(
-        weight_decay, checked.decay_mask(specs, weight_decay_mask))
-    return optax.chain(
-        *checked.clip(max_grad_norm, specs),
+    decay = _weight_decay(weight_decay, specs, weight_decay_mask)
+    return optax.named_chain(
+        _clip(max_grad_norm, specs),
         # L2: into the gradient, before the moments.
         *([] if adam_w_mode else [decay]),
         _adam(b1, b2, eps, bias_correction=bias_correction),
         # m_t = b1 m_{t-1} + g is the averaged moment divided by 1 - b1.
-        *([] if grad_averaging else [optax.scale(1.0 / (1.0 - b1))]),
+        ("grad_averaging", optax.identity() if grad_averaging
+         else optax.scale(1.0 / (1.0 - b1))),
         *([decay] if adam_w_mode else []),
         _trust_ratio(specs, options),
-        optax.scale_by_learning_rate(learning_rate),
+        _learning_rate(learning_rate),
     )
 
-  return checked.alias("nvlamb", build, adapt_mask=trust_ratio_mask,
-                       decay_mask=weight_decay_mask,
-                       adapt_only_decayed=not use_nvlamb,
-                       layer_axes=layer_axes, axis_name=axis_name)
+  return alias.alias("nvlamb", build, trust_ratio_mask=trust_ratio_mask,
+                     weight_decay_mask=weight_decay_mask,
+                     trust_ratio_only_if_decayed=not use_nvlamb,
+                     layer_axes=layer_axes, axis_name=axis_name)
 
 
 @docstrings.with_shared_args
@@ -274,19 +294,18 @@ def timm(
       decay_gate=None if always_adapt else weight_decay)
 
   def build(specs):
-    return optax.chain(
-        *checked.clip(max_grad_norm, specs),
+    return optax.named_chain(
+        _clip(max_grad_norm, specs),
         _adam(b1, b2, eps, bias_correction=bias_correction),
-        optax.add_decayed_weights(
-            weight_decay, checked.decay_mask(specs, weight_decay_mask)),
+        _weight_decay(weight_decay, specs, weight_decay_mask),
         _trust_ratio(specs, options),
-        optax.scale_by_learning_rate(learning_rate),
+        _learning_rate(learning_rate),
     )
 
-  return checked.alias("timm", build, adapt_mask=trust_ratio_mask,
-                       decay_mask=weight_decay_mask,
-                       adapt_only_decayed=not always_adapt,
-                       layer_axes=layer_axes, axis_name=axis_name)
+  return alias.alias("timm", build, trust_ratio_mask=trust_ratio_mask,
+                     weight_decay_mask=weight_decay_mask,
+                     trust_ratio_only_if_decayed=not always_adapt,
+                     layer_axes=layer_axes, axis_name=axis_name)
 
 
 @docstrings.with_shared_args
@@ -364,20 +383,19 @@ def torch_optimizer(
   options = TrustRatioOptions(param_norm_bounds=(0.0, clamp_value))
 
   def build(specs):
-    return optax.chain(
-        *checked.clip(max_grad_norm, specs),
+    return optax.named_chain(
+        _clip(max_grad_norm, specs),
         _adam(b1, b2, eps, bias_correction=False),
-        optax.add_decayed_weights(
-            weight_decay, checked.decay_mask(specs, weight_decay_mask)),
+        _weight_decay(weight_decay, specs, weight_decay_mask),
         _trust_ratio(specs, options),
-        *([_bias_correction_factor(b1, b2)] if debias else []),
-        optax.scale_by_learning_rate(learning_rate),
+        _bias_correction(debias, b1, b2),
+        _learning_rate(learning_rate),
     )
 
-  return checked.alias("torch_optimizer", build,
-                       adapt_mask=False if adam else trust_ratio_mask,
-                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
-                       axis_name=axis_name)
+  return alias.alias("torch_optimizer", build,
+                     trust_ratio_mask=False if adam else trust_ratio_mask,
+                     weight_decay_mask=weight_decay_mask,
+                     layer_axes=layer_axes, axis_name=axis_name)
 
 
 @docstrings.with_shared_args
@@ -467,21 +485,20 @@ def deepspeed(
                               bound_fallback=False)
 
   def build(specs):
-    return optax.chain(
-        *checked.clip(max_grad_norm, specs, norm_offset=1e-6),
+    return optax.named_chain(
+        _clip(max_grad_norm, specs, norm_offset=1e-6),
         (_adam(b1, b2, 0.0, eps_root=eps, bias_correction=False)
          if eps_inside_sqrt else
          _adam(b1, b2, eps, bias_correction=False)),
-        optax.add_decayed_weights(
-            weight_decay, checked.decay_mask(specs, weight_decay_mask)),
+        _weight_decay(weight_decay, specs, weight_decay_mask),
         _trust_ratio(specs, options),
-        *([_bias_correction_factor(b1, b2)] if bias_correction else []),
-        optax.scale_by_learning_rate(learning_rate),
+        _bias_correction(bias_correction, b1, b2),
+        _learning_rate(learning_rate),
     )
 
-  return checked.alias("deepspeed", build, adapt_mask=trust_ratio_mask,
-                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
-                       axis_name=axis_name)
+  return alias.alias("deepspeed", build, trust_ratio_mask=trust_ratio_mask,
+                     weight_decay_mask=weight_decay_mask,
+                     layer_axes=layer_axes, axis_name=axis_name)
 
 
 @docstrings.with_shared_args
@@ -646,17 +663,15 @@ def keras(
       decoupled_decay=(learning_rate, weight_decay) if decoupled else None)
 
   def build(specs):
-    return optax.chain(
-        *checked.clip(max_grad_norm, specs),
+    return optax.named_chain(
+        _clip(max_grad_norm, specs),
         _adam(b1, b2, eps),
         _trust_ratio(specs, options),
         # -lr * (r u + wd x): the decay outside the ratio, scaled by lr.
-        *([optax.add_decayed_weights(
-            weight_decay, checked.decay_mask(specs, weight_decay_mask))]
-          if decoupled else []),
-        optax.scale_by_learning_rate(learning_rate),
+        _weight_decay(weight_decay, specs, weight_decay_mask),
+        _learning_rate(learning_rate),
     )
 
-  return checked.alias("keras", build, adapt_mask=trust_ratio_mask,
-                       decay_mask=weight_decay_mask, layer_axes=layer_axes,
-                       axis_name=axis_name)
+  return alias.alias("keras", build, trust_ratio_mask=trust_ratio_mask,
+                     weight_decay_mask=weight_decay_mask,
+                     layer_axes=layer_axes, axis_name=axis_name)

@@ -78,12 +78,16 @@ def state_shardings(
     >>> import lamb_optax
     >>> mesh = jax.make_mesh((1,), ('data',))
     >>> params = {'w': jnp.zeros((4, 2)), 'b': jnp.zeros(2)}
-    >>> tx = lamb_optax.lamb(1e-3)
+    >>> tx = lamb_optax.lamb(1e-3, max_grad_norm=1.0, store_direction=True)
     >>> shardings = lamb_optax.state_shardings(
     ...     tx, params, NamedSharding(mesh, P()), zero_axis='data')
-    >>> shardings[0].mu['w'].spec  # mu and nu: split over 'data' (ZeRO-1).
+    >>> shardings['adam'].mu['w'].spec  # mu and nu: split over 'data' (ZeRO-1).
     P('data', None)
-    >>> shardings[0].count.spec  # The step count: replicated.
+    >>> shardings['adam'].count.spec  # The step count: replicated.
+    P()
+    >>> shardings['direction'].direction['w'].spec  # The stored u, as mu.
+    P('data', None)
+    >>> shardings['trust_ratio'].trust_ratios['w'].spec  # A scalar ratio.
     P()
   """
   params_shape = jax.eval_shape(lambda p: p, params)

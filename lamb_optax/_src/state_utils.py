@@ -10,17 +10,15 @@ from lamb_optax._src import trust_ratio
 
 
 def _is_trust_state(x: Any) -> bool:
-  return isinstance(x, (trust_ratio.ScaleByTrustRatioState,
-                        trust_ratio.ScheduledTrustRatioState))
+  return isinstance(x, trust_ratio.ScaleByTrustRatioState)
 
 
 def trust_ratios(opt_state: Any, *, index: Optional[int] = None) -> Any:
   """The float32 trust ratios of the last update, shaped like the params.
 
-  Finds the :class:`ScaleByTrustRatioState` (or a preset's
-  :class:`lamb_optax.presets.ScheduledTrustRatioState`) wherever it sits in
-  ``opt_state``:
-  inside :func:`optax.chain`, :func:`optax.named_chain`,
+  Finds the :class:`lamb_optax.ScaleByTrustRatioState` wherever it sits in
+  ``opt_state`` (``opt_state['trust_ratio']`` of ``lamb``, ``lars`` and
+  every preset): inside :func:`optax.chain`, :func:`optax.named_chain`,
   :func:`optax.inject_hyperparams`, :class:`optax.MultiSteps`,
   :func:`optax.masked`, :func:`optax.apply_if_finite` or
   :func:`optax.multi_transform` states, or a Flax optimizer's state.
@@ -37,12 +35,16 @@ def trust_ratios(opt_state: Any, *, index: Optional[int] = None) -> Any:
   Examples:
     >>> import jax.numpy as jnp, optax
     >>> import lamb_optax
-    >>> opt = optax.inject_hyperparams(lamb_optax.lamb)(learning_rate=0.1)
+    >>> opt = optax.inject_hyperparams(lamb_optax.lamb)(
+    ...     learning_rate=0.1, max_grad_norm=1.0, store_direction=True)
     >>> params = {'w': jnp.full((2, 2), 3.0)}
     >>> state = opt.init(params)
     >>> _, state = opt.update({'w': jnp.ones((2, 2))}, state, params)
     >>> # ||x|| = 6 and the first Adam direction is sign(g): ||u|| = 2
     >>> print(f"{float(lamb_optax.trust_ratios(state)['w']):.4f}")
+    3.0000
+    >>> # The same, by name:
+    >>> print(f"{float(state.inner_state['trust_ratio'].trust_ratios['w']):.4f}")
     3.0000
   """
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_trust_state)

@@ -1,11 +1,12 @@
 r"""The layer-wise trust ratio of LAMB and LARS: one transform for every caller.
 
-Every per-leaf setting (is the ratio applied, is the leaf decayed, which axes
-index layers, which mesh axes its norm is summed over) is resolved once per
-call into a params-shaped tree of :class:`LeafSpec`. :func:`scale_updates`
-then maps one computation over the leaves: each leaf's squared norms (one per
-layer), its ratios (:func:`trust_ratio_from_norms`, the one ratio function)
-and its scaled update. :func:`scale_by_trust_ratio`, :func:`lamb_optax.lamb`,
+Every per-leaf setting (is the leaf in the trust-ratio mask, in the
+weight-decay mask, which axes index layers, which mesh axes its norm is summed
+over) is resolved once per call into a params-shaped tree of
+:class:`lamb_optax._src.alias.LeafSpec`. :func:`scale_updates` then reads as
+the maths: each layer's squared norms, its ratio
+(:func:`trust_ratio_from_norms`, the one ratio function), its scaled
+update. :func:`scale_by_trust_ratio`, :func:`lamb_optax.lamb`,
 :func:`lamb_optax.lars` and every preset use it; the presets' rules (a
 run-time gate on the decay, ratio bounds that leave the fallback ``r = 1``
 alone, traced bounds, the norm of decoupled-decayed params) are options of
@@ -13,19 +14,18 @@ alone, traced bounds, the norm of decoupled-decayed params) are options of
 """
 
 import collections
-import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+import warnings
+from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from lamb_optax._src import alias
 from lamb_optax._src import layers
 from lamb_optax._src import numerics
-from lamb_optax._src import prefix
 from lamb_optax._src import validation
 
 # Leaves of at most this many elements have their norms reduced together with
@@ -41,78 +41,21 @@ CHUNK_SIZE = 32
 
 
 class ScaleByTrustRatioState(NamedTuple):
-  """State of :func:`scale_by_trust_ratio`: the ratios of the last update.
+  """State of :func:`scale_by_trust_ratio`, whatever its options.
 
   Attributes:
+    count: The int32 number of updates so far (the step at which a preset's
+      scheduled rule, such as a decay gate, is evaluated; as
+      :func:`optax.add_decayed_weights` counts for a scheduled decay).
     trust_ratios: A params-shaped tree: each leaf's float32 ratio of the last
       update, a scalar, or an array of the layer axes' shape for a leaf with
       ``layer_axes``; 1 before the first update and for leaves outside the
-      mask. Read it as ``state.trust_ratios`` or with
+      trust-ratio mask. Read it as ``state.trust_ratios`` or with
       :func:`lamb_optax.trust_ratios` from a whole optimizer state.
-  """
-
-  trust_ratios: Any
-
-
-class ScheduledTrustRatioState(NamedTuple):
-  """State of a trust ratio whose rule follows a schedule (a preset's decay
-  gate or decoupled decay with a scheduled decay or learning rate): a step
-  count, as :func:`optax.add_decayed_weights` keeps one for a scheduled
-  decay, and the ratios (see :class:`ScaleByTrustRatioState`).
-
-  Attributes:
-    count: The int32 number of updates so far.
-    trust_ratios: The params-shaped float32 ratios of the last update.
   """
 
   count: chex.Array
   trust_ratios: Any
-
-
-TrustRatioState = ScaleByTrustRatioState | ScheduledTrustRatioState
-
-
-@dataclasses.dataclass(frozen=True)
-class LeafSpec:
-  """What the trust ratio does with one leaf (a pytree leaf itself).
-
-  Attributes:
-    adapt: Whether the trust ratio applies (else ``r = 1``).
-    decay: Whether the leaf is in the weight-decay mask.
-    layer_axes: Sorted axes that index layers (``()``: the leaf is one).
-    axis_names: Mesh axes the squared norms are summed over.
-  """
-
-  adapt: bool = True
-  decay: bool = True
-  layer_axes: tuple[int, ...] = ()
-  axis_names: tuple[str, ...] = ()
-
-
-def leaf_specs(params: Any, *, adapt_mask: Any = None,
-               adapt_mask_name: str = "trust_ratio_mask",
-               decay_mask: Any = None,
-               decay_mask_name: str = "weight_decay_mask",
-               adapt_only_decayed: bool = False,
-               layer_axes: layers.LayerAxesArg = None,
-               axis_name: layers.AxisNameArg = None) -> Any:
-  """Resolves every per-leaf setting once: a params-shaped tree of
-  :class:`LeafSpec`.
-
-  Masks are trees, prefixes or callables (None: every leaf); each is called
-  or matched once, and errors name the arguments as the public function
-  does. With ``adapt_only_decayed`` (apex, timm) a leaf gets the ratio only
-  if it is in both masks.
-  """
-  treedef = jax.tree.structure(params)
-  adapt = prefix.resolve_mask(adapt_mask, params, adapt_mask_name)
-  decay = prefix.resolve_mask(decay_mask, params, decay_mask_name)
-  if adapt_only_decayed:
-    adapt = [a and d for a, d in zip(adapt, decay)]
-  axes = layers.resolve_layer_axes(layer_axes, params)
-  names = layers.resolve_axis_names(axis_name, params)
-  return treedef.unflatten([LeafSpec(*spec) for spec in
-                            zip(adapt, decay, axes, names)])
 
 
 class TrustRatioOptions(NamedTuple):
@@ -121,7 +64,7 @@ class TrustRatioOptions(NamedTuple):
   Attributes:
     min_norm: Both norms are raised to at least this value first
       (:func:`optax.scale_by_trust_ratio`'s ``min_norm``).
-    trust_coefficient: :math:`\eta`, multiplies the ratio.
+    trust_coefficient: :math:`c`, multiplies the ratio.
     eps: Added to :math:`\|u\|` in the denominator.
     param_norm_bounds: ``(lo, hi)`` of :math:`\phi` or None; the values may
       be traced (torch-optimizer's ``clamp_value`` is ``(0, clamp_value)``).
@@ -129,8 +72,8 @@ class TrustRatioOptions(NamedTuple):
     bound_fallback: Whether ``trust_ratio_bounds`` also clip the ``r = 1``
       of a zero norm (True; DeepSpeed leaves it at 1: False).
     decay_gate: A weight decay (a scalar, traced or not, or a schedule of
-      the step): where its value is 0 every ratio is 1 (apex and timm adapt
-      only layers whose decay is non-zero). None: no gate.
+      the step): where its value is 0 every ratio is 1 (apex and timm apply
+      the ratio only to layers whose decay is non-zero). None: no gate.
     decoupled_decay: ``(learning_rate, weight_decay)`` (scalars or
       schedules), or None: on the leaves in the weight-decay mask,
       :math:`\phi` is the norm of :math:`x - \eta_t \lambda_t x` (Keras'
@@ -146,11 +89,6 @@ class TrustRatioOptions(NamedTuple):
   decay_gate: Optional[optax.ScalarOrSchedule] = None
   decoupled_decay: Optional[tuple[optax.ScalarOrSchedule,
                                   optax.ScalarOrSchedule]] = None
-
-  def needs_count(self) -> bool:
-    """Whether a rule follows a schedule, so the state keeps a count."""
-    scheduled = [self.decay_gate, *(self.decoupled_decay or ())]
-    return any(callable(value) for value in scheduled)
 
 
 def _is_zero(value: Any) -> bool:
@@ -168,7 +106,7 @@ def trust_ratio_from_norms(
 
   .. math::
 
-    r = \eta\,\phi(\|x\|) / (\|u\| + \epsilon), \quad
+    r = c\,\phi(\|x\|) / (\|u\| + \epsilon), \quad
     r = 1 \text{ where } \phi(\|x\|) = 0 \text{ or } \|u\| = 0,
 
   with both norms first raised to ``options.min_norm``, then :math:`r`
@@ -207,22 +145,18 @@ def trust_ratio_from_norms(
   return ratio.astype(jnp.float32)
 
 
-def layer_shape(x: chex.Array, spec: LeafSpec) -> tuple[int, ...]:
+def layer_shape(x: chex.Array, spec: alias.LeafSpec) -> tuple[int, ...]:
   """The shape of a leaf's ratios: that of its layer axes."""
   return tuple(x.shape[i] for i in spec.layer_axes)
 
 
-def initial_state(params: Any, specs: Any,
-                  options: TrustRatioOptions = TrustRatioOptions()
-                  ) -> TrustRatioState:
-  """The state before a step: every ratio 1 (and a count if needed)."""
-  ratios = jax.tree.map(
-      lambda x, spec: jnp.ones(layer_shape(x, spec), jnp.float32),
-      params, specs)
-  if options.needs_count():
-    return ScheduledTrustRatioState(count=jnp.zeros([], jnp.int32),
-                                    trust_ratios=ratios)
-  return ScaleByTrustRatioState(trust_ratios=ratios)
+def initial_state(params: Any, specs: Any) -> ScaleByTrustRatioState:
+  """The state before a step: a zero count, every ratio 1."""
+  return ScaleByTrustRatioState(
+      count=jnp.zeros([], jnp.int32),
+      trust_ratios=jax.tree.map(
+          lambda x, spec: jnp.ones(layer_shape(x, spec), jnp.float32),
+          params, specs))
 
 
 def expand_ratio(ratio: chex.Array, ndim: int,
@@ -234,21 +168,22 @@ def expand_ratio(ratio: chex.Array, ndim: int,
       ratio, tuple(i for i in range(ndim) if i not in layer_axes))
 
 
-def _chunks(leaves: list[tuple[int, chex.Array, chex.Array, LeafSpec]], *,
-            small: bool) -> list[list[tuple[int, chex.Array, chex.Array,
-                                            LeafSpec]]]:
-  """Leaves, ``(index, x, u, spec)`` each, in chunks of at most
-  :data:`CHUNK_SIZE` leaves whose norms can be stacked: of one shape (small
-  leaves, reduced together) or one norm dtype, compute dtype and mesh axes."""
-  groups: dict[Any, list[tuple[int, chex.Array, chex.Array, LeafSpec]]] = {}
+# A leaf waiting for its norms: (its index, x as the norm reads it, u, spec).
+_Leaf = tuple[int, chex.Array, chex.Array, alias.LeafSpec]
+
+
+def _chunks(leaves: list[_Leaf], *, small: bool) -> list[list[_Leaf]]:
+  """Leaves in chunks of at most :data:`CHUNK_SIZE` leaves whose norms can
+  be stacked: of one shape (small leaves, reduced together) or one norm
+  dtype, compute dtype and mesh axes."""
+  groups: dict[Any, list[_Leaf]] = {}
   for leaf in leaves:
     groups.setdefault(_chunk_key(leaf, small=small), []).append(leaf)
   return [members[i:i + CHUNK_SIZE] for members in groups.values()
           for i in range(0, len(members), CHUNK_SIZE)]
 
 
-def _chunk_key(leaf: tuple[int, chex.Array, chex.Array, LeafSpec], *,
-               small: bool) -> tuple[Any, ...]:
+def _chunk_key(leaf: _Leaf, *, small: bool) -> tuple[Any, ...]:
   _, x, u, spec = leaf
   return (x.shape if small else numerics.real_dtype(x.dtype),
           numerics.compute_dtype(x.dtype), numerics.compute_dtype(u.dtype),
@@ -282,7 +217,99 @@ def _add_each(totals: tuple[chex.Array, ...], values: tuple[chex.Array, ...]
   return tuple(a + b for a, b in zip(totals, values))
 
 
-def _at(value: Any, count: Optional[chex.Array]) -> Any:
+class SquaredNorms(NamedTuple):
+  r"""The squared norms :math:`\|x\|^2, \|u\|^2` of the layers of some leaves.
+
+  Attributes:
+    leaves: The indices of the leaves (in flatten order).
+    params: The squared parameter norms.
+    updates: The squared update norms, the same shape.
+    stacked: True: entry :math:`j` of each vector is leaf ``leaves[j]``'s
+      (a chunk of leaves that are one layer each). False: one leaf with
+      layer axes, whose norms have its layers' shape.
+  """
+
+  leaves: tuple[int, ...]
+  params: chex.Array
+  updates: chex.Array
+  stacked: bool
+
+
+def grouped_squared_norms(xs: list[chex.Array], us: list[chex.Array],
+                          specs: list[alias.LeafSpec]) -> list[SquaredNorms]:
+  r"""The squared norms of every layer of the leaves in the trust-ratio mask,
+  grouped so that the kernels XLA:CPU compiles stay few.
+
+  What the grouping steers is compile time, not numbers
+  (docs/performance.md, "Compile time"): a leaf with layer axes is its own
+  group; a leaf of more than :data:`SMALL_LEAF_SIZE` elements reduces its
+  own norms, chunked with leaves of its dtypes and mesh axes into one
+  vector; smaller leaves (biases, LayerNorm scales) are reduced together,
+  :data:`CHUNK_SIZE` leaves of one shape at a time, and a small leaf alone
+  of its shape is reduced as a large one is.
+
+  Args:
+    xs: Each leaf's parameters as its norm reads them.
+    us: Each leaf's update.
+    specs: Each leaf's :class:`lamb_optax._src.alias.LeafSpec`.
+
+  Returns:
+    A list of :class:`SquaredNorms`, which together cover every leaf in the
+    trust-ratio mask once.
+  """
+
+  def stacked_norms(arrays, axis_names):
+    squared = numerics.squared_norms(
+        jnp.stack([numerics.upcast(a) for a in arrays]), (0,))
+    return jax.lax.psum(squared, axis_names) if axis_names else squared
+
+  groups, small, big = [], [], []
+  for i, (x, u, spec) in enumerate(zip(xs, us, specs)):
+    if not spec.trust_ratio_mask:
+      continue
+    if spec.layer_axes:
+      groups.append(SquaredNorms(
+          (i,), numerics.squared_norms(x, spec.layer_axes, spec.axis_names),
+          numerics.squared_norms(u, spec.layer_axes, spec.axis_names),
+          stacked=False))
+    else:
+      # The mesh-axis checks of numerics.psum_over, on each leaf.
+      numerics.check_summable(x, spec.axis_names)
+      numerics.check_summable(u, spec.axis_names)
+      (small if x.size <= SMALL_LEAF_SIZE else big).append((i, x, u, spec))
+  # A small leaf alone of its kind shares no kernel with another: stacking
+  # its norms would only add kernels, so it is reduced as the big ones are.
+  kinds = collections.Counter(_chunk_key(leaf, small=True) for leaf in small)
+  big += [leaf for leaf in small if kinds[_chunk_key(leaf, small=True)] == 1]
+  small = [leaf for leaf in small if kinds[_chunk_key(leaf, small=True)] > 1]
+  for chunk in _chunks(small, small=True):
+    indices, chunk_xs, chunk_us, chunk_specs = zip(*chunk)
+    names = chunk_specs[0].axis_names
+    if (numerics.compute_dtype(chunk_xs[0].dtype)
+        == numerics.compute_dtype(chunk_us[0].dtype)):
+      # One reduction of the x's and u's stacked together: besides saving a
+      # kernel, a stack of two or more arrays keeps XLA from recomputing a
+      # cheap last step of u (the decay) inside the reduction, so that the
+      # norm and the step read the same u, as with store_direction=True.
+      squared = stacked_norms(chunk_xs + chunk_us, names)
+      groups.append(SquaredNorms(indices, squared[:len(indices)],
+                                 squared[len(indices):], stacked=True))
+    else:
+      groups.append(SquaredNorms(indices, stacked_norms(chunk_xs, names),
+                                 stacked_norms(chunk_us, names),
+                                 stacked=True))
+  for chunk in _chunks(big, small=False):
+    indices, chunk_xs, chunk_us, chunk_specs = zip(*chunk)
+    # The x's and the u's norms in one vector: one concatenation a chunk.
+    squared = jnp.stack([numerics.squared_norms(a, (), spec.axis_names)
+                         for arrays in (chunk_xs, chunk_us)
+                         for a, spec in zip(arrays, chunk_specs)])
+    groups.append(SquaredNorms(indices, squared[:len(indices)],
+                               squared[len(indices):], stacked=True))
+  return groups
+
+
+def _at(value: Any, count: chex.Array) -> Any:
   """A scalar or a schedule evaluated at the 0-based ``count``."""
   return value(count) if callable(value) else value
 
@@ -294,21 +321,16 @@ def scale_updates(
     options: TrustRatioOptions = TrustRatioOptions(),
     count: Optional[chex.Array] = None,
 ) -> tuple[Any, Any]:
-  r"""Every layer's update times its trust ratio.
+  r"""Every layer's update times its trust ratio: norms, ratios, scale.
 
-  Each leaf's squared norms are reduced once and its ratios come from
-  :func:`trust_ratio_from_norms`. How the work is laid out steers XLA:CPU's
-  compile time and changes no number (docs/performance.md, "Compile time"):
-  a leaf of more than :data:`SMALL_LEAF_SIZE` elements reduces its own
-  norms; the smaller ones (biases, LayerNorm scales) are reduced in chunks of
-  :data:`CHUNK_SIZE` leaves of one shape (a small leaf alone of its shape, as
-  a large one). The ratios of a chunk (of small or of large leaves) come
-  from one vector operation, of which every leaf reads its own.
+  The squared norms of each layer (:func:`grouped_squared_norms`), the
+  ratios from them (:func:`trust_ratio_from_norms`; 1 for leaves outside the
+  trust-ratio mask), and each update times its layer's ratio.
 
   Args:
     updates: The incoming updates :math:`u` (the params' structure).
     params: The parameters :math:`x`.
-    specs: A params-shaped tree of :class:`LeafSpec` (:func:`leaf_specs`).
+    specs: A params-shaped tree of :class:`lamb_optax._src.alias.LeafSpec`.
     options: The :class:`TrustRatioOptions` of every ratio.
     count: The 0-based step, for the options' schedules.
 
@@ -328,73 +350,32 @@ def scale_updates(
                    * jnp.asarray(_at(weight_decay, count)))
 
   def param_for_norm(x, spec):
-    if param_decay is None or not spec.decay:
+    if param_decay is None or not spec.weight_decay_mask or not (
+        spec.trust_ratio_mask):
       return x
     x = numerics.upcast(x)
     return x - x * jnp.asarray(param_decay).astype(x.dtype)
 
-  def ratio_of(x_sq, u_sq):
-    return trust_ratio_from_norms(jnp.sqrt(x_sq), jnp.sqrt(u_sq), options,
-                                  gate=gate)
-
-  def stacked_norms(arrays, axis_names):
-    squared = numerics.squared_norms(
-        jnp.stack([numerics.upcast(a) for a in arrays]), (0,))
-    return jax.lax.psum(squared, axis_names) if axis_names else squared
-
-  ratios: list[Any] = [None] * len(us)
-  small, big = [], []
-  for i, (u, x, spec) in enumerate(zip(us, xs, flat_specs)):
-    if not spec.adapt:
-      ratios[i] = jnp.ones(layer_shape(x, spec), jnp.float32)
-    elif spec.layer_axes:
-      ratios[i] = ratio_of(
-          numerics.squared_norms(param_for_norm(x, spec), spec.layer_axes,
-                                 spec.axis_names),
-          numerics.squared_norms(u, spec.layer_axes, spec.axis_names))
-    else:
-      # The mesh-axis checks of numerics.psum_over, on each leaf.
-      numerics.check_summable(x, spec.axis_names)
-      numerics.check_summable(u, spec.axis_names)
-      leaf = (i, param_for_norm(x, spec), u, spec)
-      (small if x.size <= SMALL_LEAF_SIZE else big).append(leaf)
-  # A small leaf alone of its kind shares no kernel with another: stacking
-  # its norms would only add kernels, so it is reduced as the big ones are.
-  kinds = collections.Counter(_chunk_key(leaf, small=True) for leaf in small)
-  big += [leaf for leaf in small if kinds[_chunk_key(leaf, small=True)] == 1]
-  small = [leaf for leaf in small if kinds[_chunk_key(leaf, small=True)] > 1]
-  chunks = []
-  for chunk in _chunks(small, small=True):
-    indices, chunk_xs, chunk_us, chunk_specs = zip(*chunk)
-    names = chunk_specs[0].axis_names
-    if (numerics.compute_dtype(chunk_xs[0].dtype)
-        == numerics.compute_dtype(chunk_us[0].dtype)):
-      # One reduction of the x's and u's stacked together: besides saving a
-      # kernel, a stack of two or more arrays keeps XLA from recomputing a
-      # cheap last step of u (the decay) inside the reduction, so that the
-      # norm and the step read the same u, as with store_direction=True.
-      squared = stacked_norms(chunk_xs + chunk_us, names)
-      chunks.append((indices, squared[:len(indices)],
-                     squared[len(indices):]))
-    else:
-      chunks.append((indices, stacked_norms(chunk_xs, names),
-                     stacked_norms(chunk_us, names)))
-  for chunk in _chunks(big, small=False):
-    indices, chunk_xs, chunk_us, chunk_specs = zip(*chunk)
-    # The x's and the u's norms in one vector: one concatenation a chunk.
-    squared = jnp.stack([numerics.squared_norms(a, (), spec.axis_names)
-                         for arrays in (chunk_xs, chunk_us)
-                         for a, spec in zip(arrays, chunk_specs)])
-    chunks.append((indices, squared[:len(indices)], squared[len(indices):]))
-  for indices, x_sq, u_sq in chunks:
-    for i, ratio in zip(indices, _unstack(ratio_of(x_sq, u_sq))):
-      ratios[i] = ratio
-
+  # Norms.
+  norms = grouped_squared_norms(
+      [param_for_norm(x, spec) for x, spec in zip(xs, flat_specs)], us,
+      flat_specs)
+  # Ratios.
+  ratios = [None if spec.trust_ratio_mask
+            else jnp.ones(layer_shape(x, spec), jnp.float32)
+            for x, spec in zip(xs, flat_specs)]
+  for group in norms:
+    ratio = trust_ratio_from_norms(jnp.sqrt(group.params),
+                                   jnp.sqrt(group.updates), options, gate=gate)
+    for i, leaf_ratio in zip(group.leaves,
+                             _unstack(ratio) if group.stacked else (ratio,)):
+      ratios[i] = leaf_ratio
+  # Scale.
   out = []
   for u, x, spec, ratio in zip(us, xs, flat_specs, ratios):
     chex.assert_shape(ratio, layer_shape(x, spec))
     chex.assert_type(ratio, jnp.float32)
-    if not spec.adapt:
+    if not spec.trust_ratio_mask:
       out.append(u)
       continue
     cdt = numerics.compute_dtype(u.dtype)
@@ -403,31 +384,20 @@ def scale_updates(
   return treedef.unflatten(out), treedef.unflatten(ratios)
 
 
-def trust_ratio_transform(
-    specs_fn: Callable[[Any], Any],
-    options: TrustRatioOptions,
-    *,
-    check_inputs: bool,
-) -> optax.GradientTransformation:
-  """The trust ratio as a transform; ``specs_fn(params)`` gives the spec
-  tree. ``check_inputs=False`` when an alias has checked the inputs at its
-  boundary."""
+def trust_ratio_transform(specs: Any, options: TrustRatioOptions
+                          ) -> optax.GradientTransformation:
+  """The trust ratio of resolved settings ``specs`` (a params-shaped tree of
+  :class:`lamb_optax._src.alias.LeafSpec`), as a transform that trusts the
+  checks of its alias."""
 
   def init_fn(params):
-    if check_inputs:
-      validation.check_params(params)
-    return initial_state(params, specs_fn(params), options)
+    return initial_state(params, specs)
 
   def update_fn(updates, state, params=None):
-    if check_inputs:
-      validation.check_inputs(updates, params, "scale_by_trust_ratio")
-    if isinstance(state, ScheduledTrustRatioState):
-      scaled, ratios = scale_updates(updates, params, specs_fn(params),
-                                     options, state.count)
-      return scaled, ScheduledTrustRatioState(
-          count=optax.safe_int32_increment(state.count), trust_ratios=ratios)
-    scaled, ratios = scale_updates(updates, params, specs_fn(params), options)
-    return scaled, ScaleByTrustRatioState(trust_ratios=ratios)
+    scaled, ratios = scale_updates(updates, params, specs, options,
+                                   state.count)
+    return scaled, ScaleByTrustRatioState(
+        count=optax.safe_int32_increment(state.count), trust_ratios=ratios)
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -439,9 +409,10 @@ def scale_by_trust_ratio(
     *,
     param_norm_bounds: Optional[tuple[float, float]] = None,
     trust_ratio_bounds: Optional[tuple[float, float]] = None,
-    mask: validation.MaskArg = None,
+    trust_ratio_mask: validation.MaskArg = None,
     layer_axes: layers.LayerAxesArg = None,
     axis_name: layers.AxisNameArg = None,
+    mask: validation.MaskArg = None,
 ) -> optax.GradientTransformation:
   r"""Scales each layer's update by its trust ratio.
 
@@ -451,19 +422,19 @@ def scale_by_trust_ratio(
 
   .. math::
 
-    r = \eta \, \frac{\phi(\|x\|_2)}{\|u\|_2 + \epsilon}, \qquad
+    r = c \, \frac{\phi(\|x\|_2)}{\|u\|_2 + \epsilon}, \qquad
     \phi(z) = \min(\max(z, \phi_{lo}), \phi_{hi}),
 
-  with :math:`\eta` the ``trust_coefficient``, :math:`\phi` the identity
+  with :math:`c` the ``trust_coefficient``, :math:`\phi` the identity
   unless ``param_norm_bounds=(lo, hi)`` is given, and :math:`r = 1` where
   :math:`\phi(\|x\|) = 0` or :math:`\|u\| = 0` (so that zero-initialised
   parameters still move, as in the authors' code). :math:`r` is then clipped
   to ``trust_ratio_bounds=(lo, hi)`` when given (DeepSpeed's min/max
-  coefficient; ``(0, 1)`` is timm's ``trust_clip``). Layers outside ``mask``
-  get :math:`r = 1`. The transform returns :math:`r\,u`. ``min_norm`` raises
-  both norms to at least that value first, as in
-  :func:`optax.scale_by_trust_ratio`, whose positional arguments and defaults
-  these are: with the defaults both compute the same ratios.
+  coefficient; ``(0, 1)`` is timm's ``trust_clip``). Layers outside
+  ``trust_ratio_mask`` get :math:`r = 1`. The transform returns
+  :math:`r\,u`. ``min_norm`` raises both norms to at least that value first,
+  as in :func:`optax.scale_by_trust_ratio`, whose positional arguments and
+  defaults these are: with the defaults both compute the same ratios.
 
   Norms are computed in float32 (float64 for float64 leaves) from the leaf's
   values whatever its dtype, and of :math:`|x|` for complex leaves (float32
@@ -476,16 +447,16 @@ def scale_by_trust_ratio(
 
   Args:
     min_norm: Lower bound of both norms, >= 0 (optax's ``min_norm``).
-    trust_coefficient: :math:`\eta`, a multiplier of the ratio (LARS'
-      "trust coefficient"; 1 in LAMB).
+    trust_coefficient: :math:`c`, a multiplier of the ratio (LARS'
+      trust coefficient; 1 in LAMB).
     eps: Added to :math:`\|u\|` in the denominator, >= 0.
     param_norm_bounds: Optional ``(lo, hi)`` with ``0 <= lo <= hi``: the
       bounds of :math:`\phi` (the paper's :math:`\gamma_l, \gamma_u`).
     trust_ratio_bounds: Optional ``(lo, hi)`` with ``0 <= lo <= hi``: bounds
       on the ratio itself.
-    mask: Pytree of bools with the params' structure (or a prefix), or a
-      callable ``params -> such a tree``: True where the ratio applies.
-      None applies it to every leaf. A masked-out stacked leaf gets
+    trust_ratio_mask: Pytree of bools with the params' structure (or a
+      prefix), or a callable ``params -> such a tree``: True where the ratio
+      applies. None applies it to every leaf. A masked-out stacked leaf gets
       :math:`r = 1` for all its layers.
     layer_axes: The axes that index layers, for leaves that stack layers
       (``nn.scan``/``nnx.scan``): None (every leaf is one layer), an int or
@@ -503,6 +474,8 @@ def scale_by_trust_ratio(
       be counted once per device on it. Not needed under ``jax.jit`` with
       ``NamedSharding`` (XLA inserts the sums) nor ``pmap`` with replicated
       params.
+    mask: Deprecated: the former name of ``trust_ratio_mask`` (it warns;
+      pass one of the two).
 
   Returns:
     A :class:`optax.GradientTransformation` object whose state is a
@@ -525,14 +498,22 @@ def scale_by_trust_ratio(
     You et al., `Large Batch Optimization for Deep Learning: Training BERT in
     76 minutes <https://arxiv.org/abs/1904.00962>`_, ICLR 2020.
   """
+  if mask is not None:
+    if trust_ratio_mask is not None:
+      raise ValueError("Pass either `trust_ratio_mask` or `mask` (its former "
+                       "name), not both.")
+    warnings.warn("scale_by_trust_ratio's `mask` is now `trust_ratio_mask`; "
+                  "`mask` will be removed.", DeprecationWarning, stacklevel=2)
+    trust_ratio_mask = mask
   options = check_arguments(
       min_norm=min_norm, trust_coefficient=trust_coefficient, eps=eps,
       param_norm_bounds=param_norm_bounds,
       trust_ratio_bounds=trust_ratio_bounds)
-  specs_fn = functools.partial(leaf_specs, adapt_mask=mask,
-                               adapt_mask_name="mask", layer_axes=layer_axes,
-                               axis_name=axis_name)
-  return trust_ratio_transform(specs_fn, options, check_inputs=True)
+  return alias.alias(
+      "scale_by_trust_ratio",
+      functools.partial(trust_ratio_transform, options=options),
+      trust_ratio_mask=trust_ratio_mask, layer_axes=layer_axes,
+      axis_name=axis_name)
 
 
 def check_arguments(
