@@ -532,6 +532,29 @@ def _dims(text: str) -> list[int]:
   return [int(d) for d in arrays[0][1].split(",")]
 
 
+def _convolution_contraction(inst: _Instruction,
+                             rhs: list[int]) -> Optional[int]:
+  """Products per output element of a convolution: the kernel's input
+  features times, per spatial dimension, the window elements that meet the
+  input. XLA:TPU writes a batched matmul (attention) as a convolution whose
+  batch dimensions are spatial, with the window dilated over the input
+  (``lhs_dilate`` = window size): one element each, not the window.
+  """
+  labels = re.search(r"dim_labels=[^_]*_([^-]*)->", inst.rest)
+  if not labels or len(labels.group(1)) != len(rhs):
+    return None
+  rhs_labels = labels.group(1)
+  features = rhs[rhs_labels.index("i")] if "i" in rhs_labels else 1
+  window = re.search(r"window=\{([^}]*)\}", inst.rest)
+  fields = dict(re.findall(r"(\w+)=(\S+)", window.group(1))) if window else {}
+  sizes = [int(v) for v in fields.get("size", "").split("x") if v]
+  dilations = [int(v) for v in fields.get("lhs_dilate", "").split("x") if v]
+  dilations += [1] * (len(sizes) - len(dilations))
+  taps = math.prod(-(-size // dilation)
+                   for size, dilation in zip(sizes, dilations))
+  return features * taps
+
+
 def flops(text: str) -> float:
   """Matrix-multiply flops per call: 2 x output x contracted size of every
   dot and convolution, loops counted their trip count times.
@@ -555,14 +578,10 @@ def flops(text: str) -> float:
             match and match.group(1)) else []
         contracted = math.prod(lhs[a] for a in axes)
       else:
-        rhs = _dims(hlo.results.get(operands[1], ""))
-        labels = re.search(r"dim_labels=[^_]*_([^-]*)->", inst.rest)
-        if not labels or len(labels.group(1)) != len(rhs):
+        contracted = _convolution_contraction(
+            inst, _dims(hlo.results.get(operands[1], "")))
+        if contracted is None:
           continue
-        contracted = math.prod(d for d, label in zip(rhs, labels.group(1))
-                               if label != "o")
-        groups = re.search(r"feature_group_count=(\d+)", inst.rest)
-        contracted //= int(groups.group(1)) if groups else 1
       total += n * 2 * out * contracted
   return total
 
