@@ -131,11 +131,11 @@ def test_micro_steps_emit_zeros_and_inner_count_advances_only_on_emit(
       assert any(np.any(np.asarray(u) != 0) for u in leaves), t
     else:
       assert all(np.all(np.asarray(u) == 0) for u in leaves), t
-    # Existing tooling finds the inner counts (Adam's and the lr schedule's)
-    # through the wrapper's state.
+    # Existing tooling finds the inner counts (Adam's, the trust ratio's and
+    # the lr schedule's) through the wrapper's state.
     counts = optax.tree_utils.tree_get_all_with_path(state, "count")
-    assert len(counts) == 2
-    assert [int(count) for _, count in counts] == [t // 3] * 2, t
+    assert len(counts) == 3
+    assert [int(count) for _, count in counts] == [t // 3] * 3, t
     assert int(state.gradient_step) == t // 3
     assert int(state.mini_step) == t % 3
     acc = jax.tree.leaves(state.acc_grads)
@@ -448,8 +448,14 @@ def test_bfloat16_gradients_are_summed_in_float32():
   assert grads.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(grads, np.float32), want)
   _, grads_bf16 = accumulate_gradients(value_and_grad_fn, params, batch, 16,
-                                       accumulation_dtype=jnp.bfloat16)
+                                       accumulator_dtype=jnp.bfloat16)
   assert not np.array_equal(np.asarray(grads_bf16, np.float32), want)
+  # The former name still works, with a DeprecationWarning.
+  with pytest.warns(DeprecationWarning, match="`accumulator_dtype`"):
+    _, grads_old_name = accumulate_gradients(
+        value_and_grad_fn, params, batch, 16, accumulation_dtype=jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(grads_old_name, np.float32),
+                                np.asarray(grads_bf16, np.float32))
 
 
 def test_uses_one_scan_not_an_unrolled_loop():
@@ -502,8 +508,8 @@ def test_accumulate_gradients_errors():
     with pytest.raises(TypeError, match="`num_micro_batches` must be a "
                        "Python int"):
       accumulate_gradients(fn, params, batch, bad)
-  with pytest.raises(ValueError, match="`accumulation_dtype`"):
-    accumulate_gradients(fn, params, batch, 2, accumulation_dtype=jnp.int32)
+  with pytest.raises(ValueError, match="`accumulator_dtype`"):
+    accumulate_gradients(fn, params, batch, 2, accumulator_dtype=jnp.int32)
   with pytest.raises(ValueError, match="`micro_batch_weight_fn` must return "
                      "a scalar"):
     accumulate_gradients(fn, params, batch, 2,

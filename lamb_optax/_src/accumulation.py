@@ -16,6 +16,7 @@ gradients are averaged before one optimizer step):
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import jax
@@ -269,8 +270,9 @@ def accumulate_gradients(
     batch: Any,
     num_micro_batches: int,
     *,
-    accumulation_dtype: Any = jnp.float32,
+    accumulator_dtype: Any = jnp.float32,
     micro_batch_weight_fn: Optional[Callable[[Any], Any]] = None,
+    accumulation_dtype: Any = None,
 ) -> tuple[Any, Any]:
   r"""Mean value and gradients over micro-batches, under ``jax.lax.scan``.
 
@@ -285,7 +287,7 @@ def accumulate_gradients(
 
     \bar v = \frac{1}{n}\sum_i v_i, \qquad \bar g = \frac{1}{n}\sum_i g_i,
 
-  with the sums kept in ``accumulation_dtype`` (or the gradients' dtype where
+  with the sums kept in ``accumulator_dtype`` (or the gradients' dtype where
   that is wider) and :math:`\bar g` cast back to the gradients' dtype, so
   bfloat16 gradients are averaged without bfloat16 rounding at every add.
   ``v_i`` may be any pytree, e.g. ``(loss, metrics)`` from
@@ -312,10 +314,13 @@ def accumulate_gradients(
     batch: A pytree of arrays sharing a leading batch dimension divisible by
       ``num_micro_batches``.
     num_micro_batches: Number of micro-batches, a Python int >= 1.
-    accumulation_dtype: Floating dtype of the running sums (float32 by
-      default); the gradients' own dtype is used where it is wider.
+    accumulator_dtype: Floating dtype of the running sums (float32 by
+      default); the gradients' own dtype is used where it is wider. The name
+      is :func:`multi_steps`' and :class:`optax.MultiSteps`'.
     micro_batch_weight_fn: Optional ``fn(micro_batch) -> scalar weight``; see
       above. None (default) weights micro-batches equally.
+    accumulation_dtype: Deprecated: the former name of ``accumulator_dtype``
+      (it warns).
 
   Returns:
     ``(value, grads)``: the mean value (a pytree like ``value_and_grad_fn``'s)
@@ -344,8 +349,15 @@ def accumulate_gradients(
   num_micro_batches = validation.check_int(
       "num_micro_batches", num_micro_batches, 1,
       expected="a Python int >= 1 (it fixes the shapes of the micro-batches)")
-  accumulation_dtype = validation.check_float_dtype("accumulation_dtype",
-                                                    accumulation_dtype)
+  if accumulation_dtype is not None:
+    warnings.warn("accumulate_gradients' `accumulation_dtype` is now "
+                  "`accumulator_dtype` (multi_steps' and optax's name); "
+                  "`accumulation_dtype` will be removed.", DeprecationWarning,
+                  stacklevel=2)
+    accumulator_dtype = validation.check_float_dtype("accumulation_dtype",
+                                                     accumulation_dtype)
+  accumulator_dtype = validation.check_float_dtype("accumulator_dtype",
+                                                   accumulator_dtype)
   validation.check_optional_callable("micro_batch_weight_fn",
                                      micro_batch_weight_fn,
                                      "micro_batch -> weight")
@@ -363,7 +375,7 @@ def accumulate_gradients(
   value_shapes, grad_shapes = jax.eval_shape(value_and_grad_fn, params, first)
 
   def sum_dtype(leaf):
-    return jnp.promote_types(leaf.dtype, accumulation_dtype)
+    return jnp.promote_types(leaf.dtype, accumulator_dtype)
 
   def check_value_leaf(path, leaf):
     dtype = jnp.dtype(leaf.dtype)
@@ -382,7 +394,7 @@ def accumulate_gradients(
       value_shapes)
   grad_init = jax.tree.map(lambda g: jnp.zeros(g.shape, sum_dtype(g)),
                            grad_shapes)
-  weight_init = jnp.zeros([], accumulation_dtype)
+  weight_init = jnp.zeros([], accumulator_dtype)
 
   def body(carry, micro_batch):
     value_sum, grad_sum, weight_sum = carry
@@ -395,7 +407,7 @@ def accumulate_gradients(
         raise ValueError(
             "`micro_batch_weight_fn` must return a scalar weight per "
             f"micro-batch, got shape {weight.shape}.")
-      weight = weight.astype(accumulation_dtype)
+      weight = weight.astype(accumulator_dtype)
       weight_sum = weight_sum + weight
 
     def add(total, x, weighted=True):

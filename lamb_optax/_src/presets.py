@@ -20,8 +20,8 @@ taken from optax or given as an option of the one trust ratio:
   clip with ``norm_offset=1e-6``.
 
 Every preset takes one vocabulary: ``weight_decay_mask``,
-``trust_ratio_mask`` (where the peer would adapt a leaf, which leaves may get
-the ratio), ``max_grad_norm``, ``layer_axes`` and ``axis_name``, meaning what
+``trust_ratio_mask`` (the leaves that may get the ratio; a peer's own rule
+applies within it), ``max_grad_norm``, ``layer_axes`` and ``axis_name``, meaning what
 they mean in :func:`lamb_optax.lamb`, so that a caller can pick a preset from
 a plain name -> factory mapping. A *layer* is one leaf of the parameter
 pytree in every preset, as one tensor is in every peer, or with
@@ -356,7 +356,7 @@ def torch_optimizer(
     <shared args: layer_axes axis_name>
     clamp_value: Upper clamp of :math:`\|x\|` in the ratio, >= 0.
     debias: Multiply the step by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
-    adam: Use :math:`r = 1` (no layer adaptation).
+    adam: Use :math:`r = 1` (no trust ratio on any layer).
 
   Returns:
     A :class:`optax.GradientTransformationExtraArgs` object.

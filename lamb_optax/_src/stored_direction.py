@@ -4,9 +4,9 @@ LAMB reads :math:`u` twice, for :math:`\|u\|` and for the step
 :math:`r\,u`. XLA does not recompute an expensive elementwise expression for
 two consumers, so it writes :math:`u` to a parameter-sized temporary. On CPU,
 XLA allocates an executable's temporaries afresh on every call and each new
-4 KiB page costs a minor page fault: on BERT-base shapes (109.5M params)
-107k faults per step, which is most of the default's 2.4-3.0x AdamW's step
-(``benchmarks/update_step.py``, docs/performance.md).
+4 KiB page costs a minor page fault, which is most of the default step's
+cost beside AdamW's (docs/performance.md has the measurements of
+``benchmarks/update_step.py``).
 
 :func:`store_in_state` writes :math:`u` into a buffer of the optimizer
 state instead. The state is donated in a training step, so XLA writes the
