@@ -279,7 +279,8 @@ def test_state_shardings_places_moments_like_params():
   # and scalars: replicated (a scalar parameter's own sharding is P() too).
   trust_sh = shardings["trust_ratio"]
   assert trust_sh == lamb_optax.ScaleByTrustRatioState(
-      count=replicated, trust_ratios={"stack": replicated, "w": replicated, "s": replicated})
+      count=replicated,
+      trust_ratios={"stack": replicated, "w": replicated, "s": replicated})
   # Used as out_shardings of the jitted init, on real arrays.
   real = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
   state = jax.jit(tx.init, out_shardings=shardings)(real)

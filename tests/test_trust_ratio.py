@@ -42,7 +42,8 @@ CASES = {
     "everything": {"trust_coefficient": 3.0, "eps": 1e-3,
                    "param_norm_bounds": (0.05, 2.0),
                    "trust_ratio_bounds": (0.0, 10.0),
-                   "trust_ratio_mask": lambda p: jax.tree.map(lambda x: x.ndim != 1, p)},
+                   "trust_ratio_mask": lambda p: jax.tree.map(
+                       lambda x: x.ndim != 1, p)},
 }
 
 

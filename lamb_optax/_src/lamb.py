@@ -146,8 +146,9 @@ def lamb(
 
     >>> opt = lamb_optax.lamb(0.1, max_grad_norm=1.0, store_direction=True)
     >>> state = opt.init(params)
-    >>> list(state)
-    ['clip', 'adam', 'weight_decay', 'direction', 'trust_ratio', 'learning_rate']
+    >>> list(state)  # doctest: +NORMALIZE_WHITESPACE
+    ['clip', 'adam', 'weight_decay', 'direction', 'trust_ratio',
+     'learning_rate']
     >>> state['adam'].mu.shape
     (3,)
 

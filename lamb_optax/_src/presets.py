@@ -21,11 +21,13 @@ taken from optax or given as an option of the one trust ratio:
 
 Every preset takes one vocabulary: ``weight_decay_mask``,
 ``trust_ratio_mask`` (the leaves that may get the ratio; a peer's own rule
-applies within it), ``max_grad_norm``, ``layer_axes`` and ``axis_name``, meaning what
-they mean in :func:`lamb_optax.lamb`, so that a caller can pick a preset from
-a plain name -> factory mapping. A *layer* is one leaf of the parameter
-pytree in every preset, as one tensor is in every peer, or with
-``layer_axes`` one slice of a leaf that stacks layers.
+applies within it), ``max_grad_norm``, ``layer_axes`` and ``axis_name``,
+meaning what they mean in :func:`lamb_optax.lamb`, so that a caller can
+pick a preset from a plain name -> factory mapping. A *layer* is one leaf of
+the parameter pytree in every preset, as one tensor is in every peer, or with
+``layer_axes`` one slice of a leaf that stacks layers. Every preset is an
+:func:`optax.named_chain` whose state is found by name (``state['adam']``,
+``state['trust_ratio']``) whatever the options.
 """
 
 from typing import Any, Callable, Optional, Sequence

@@ -44,7 +44,8 @@ def trust_ratios(opt_state: Any, *, index: Optional[int] = None) -> Any:
     >>> print(f"{float(lamb_optax.trust_ratios(state)['w']):.4f}")
     3.0000
     >>> # The same, by name:
-    >>> print(f"{float(state.inner_state['trust_ratio'].trust_ratios['w']):.4f}")
+    >>> named = state.inner_state['trust_ratio'].trust_ratios
+    >>> print(f"{float(named['w']):.4f}")
     3.0000
   """
   found = [x for x in jax.tree.leaves(opt_state, is_leaf=_is_trust_state)
