@@ -3,10 +3,11 @@
 ``examples/bert/train_compile.py`` compiles the training script's own steps
 for a topology; these tests run it, as a user would, on two v5e slices (4
 and 64 devices) at the same per-device batch, and check what a pod needs:
-it fits, no buffer holds the global batch, per-device memory and collective
-bytes do not grow with the device count, and LAMB's update adds at most one
-collective over AdamW's. A model without the activation constraints is
-compiled too, to show that the global-batch check catches what it is for.
+it fits, no buffer holds the global batch, per-device memory does not grow
+with the device count and collective bytes stay within FSDP's bound, and
+LAMB's update adds at most one collective over AdamW's. A model without the
+activation constraints is compiled too, to show that these checks catch
+what they are for.
 
 The TPU compiler comes from jax's ``tpu`` extra (.ci/run installs it). Where
 it is installed it must load: a broken compiler fails these tests. Only a
@@ -18,6 +19,7 @@ modules, against byte counts worked out by hand.
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
@@ -32,10 +34,13 @@ _EXAMPLE = _ROOT / "examples" / "bert"
 _HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 _IN_CI = os.environ.get("CI", "").lower() == "true"
 
-needs_compiler = pytest.mark.skipif(
+_SKIP_WITHOUT_COMPILER = pytest.mark.skipif(
     not _HAS_LIBTPU and not _IN_CI,
     reason="the TPU compiler (pip install \"jax[tpu]==<jax version>\") is "
     "not installed here; CI installs it and never skips")
+
+
+needs_compiler = _SKIP_WITHOUT_COMPILER
 
 # The test model on a pod: scanned, rematerialised, bfloat16, FSDP; per
 # device 6 sequences of 32 (then 48) and 5 held-out ones. The global batches
@@ -88,11 +93,25 @@ def _compile(slice_name: str, out: pathlib.Path, *extra: str,
 
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
-  out = tmp_path_factory.mktemp("tpu")
-  return {name: _compile(name, out / f"{name}.json",
-                         *(() if name == SLICES[0] else
-                           ("--optimizer_share=false",)))
-          for name in SLICES}
+  """The two slices' reports, compiled once per test run.
+
+  Under pytest-xdist every worker that runs a test of this module asks for
+  them: the first compiles, under a lock in the run's shared temporary
+  directory, and the others read its JSON.
+  """
+  run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+  shared = (tmp_path_factory.getbasetemp().parent / f"tpu_compile_{run}"
+            if run else tmp_path_factory.mktemp("tpu"))
+  shared.mkdir(exist_ok=True)
+  with open(shared / "lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    out = {}
+    for name in SLICES:
+      path = shared / f"{name}.json"
+      out[name] = (json.loads(path.read_text()) if path.exists() else
+                   _compile(name, path, *(() if name == SLICES[0] else
+                                          ("--optimizer_share=false",))))
+  return out
 
 
 def _programs(report):
@@ -110,31 +129,46 @@ def test_fits_and_no_buffer_holds_the_global_batch(reports):
       assert row["flops"] > 0 and row["hbm_bytes"] > 0
 
 
+def _collective_bytes(row) -> float:
+  return sum(c["operand_bytes"] for c in row["collectives"].values())
+
+
+def _fsdp_bound(report) -> float:
+  # FSDP moves each parameter a bounded number of times whatever the device
+  # count: the weights gathered (bfloat16 or float32) and the gradients
+  # reduced (float32). At 64 devices XLA:TPU writes both as all-reduces of
+  # whole tensors (docs/tpu.md), so per device at most about twice the
+  # parameters' float32 bytes, and never a multiple of the global batch.
+  return 1.1 * 2 * 4 * report["num_params"]
+
+
+def _memory_grows(small, large) -> list[str]:
+  """Programs whose per-device memory at more devices grew (10% and 1 MiB
+  of slack: the compiler's choices differ a little with the slice)."""
+  grown = []
+  for program, row in large.items():
+    a, b = small[program]["memory"], row["memory"]
+    if (b["arguments"] > a["arguments"]
+        or b["temporaries"] > 1.1 * a["temporaries"] + 2**20
+        or b["total"] - b["code"] > 1.1 * (a["total"] - a["code"]) + 2**20):
+      grown.append(program)
+  return grown
+
+
 @needs_compiler
 def test_memory_per_device_is_flat_in_the_device_count(reports):
   small, large = (_programs(reports[name]) for name in SLICES)
-  for program in small:
-    a, b = small[program]["memory"], large[program]["memory"]
-    # Sharded parameters shrink with more devices; nothing may grow.
-    assert b["arguments"] <= a["arguments"], program
-    assert b["temporaries"] <= 1.1 * a["temporaries"] + 2**20, program
-    assert (b["total"] - b["code"]) <= 1.1 * (a["total"] - a["code"]), program
+  assert set(small) == set(large) == {"phase_1", "phase_2", "eval"}
+  # Sharded parameters shrink with more devices; nothing may grow.
+  assert not _memory_grows(small, large)
 
 
 @needs_compiler
-def test_collective_bytes_per_device_are_flat_in_the_device_count(reports):
-  small, large = (_programs(reports[name]) for name in SLICES)
-  params_bytes = 4 * reports[SLICES[0]]["num_params"]
-  for program in small:
-    def total(row):
-      return sum(c["operand_bytes"] for c in row["collectives"].values())
-    # FSDP moves each parameter a bounded number of times whatever the
-    # device count: all-gathers of the weights and reductions of the
-    # gradients. At 64 devices XLA:TPU writes both as all-reduces of whole
-    # tensors (docs/tpu.md), so the bound is a few times the parameters'
-    # float32 bytes, not a multiple of the batch.
-    assert total(large[program]) <= 4 * params_bytes, program
-    assert total(small[program]) <= 4 * params_bytes, program
+def test_collective_bytes_per_device_are_bounded_in_the_device_count(reports):
+  for report in reports.values():
+    for row in report["programs"]:
+      assert 0 < _collective_bytes(row) <= _fsdp_bound(report), (
+          report["topology"], row["program"], row["collectives"])
 
 
 @needs_compiler
@@ -146,16 +180,24 @@ def test_lamb_update_adds_at_most_one_collective_over_adamw(reports):
 
 
 @needs_compiler
-def test_the_global_batch_check_catches_an_unconstrained_model(tmp_path):
-  """Without the activation constraints the global batch is on every device."""
+def test_the_checks_catch_an_unconstrained_model(tmp_path):
+  """Without the activation constraints and the gathered word table, the
+  global batch is on every device, and the collective check above fails.
+
+  (The memory check cannot fail at this size: on v5e the test model's
+  activations stay in on-chip memory, and the train steps report no HBM
+  temporaries either way. BERT-base at 16 and 512 devices, in the committed
+  reports, is where memory is checked at scale.)"""
   report = _compile(
-      "v5e-4", tmp_path / "out.json", "--optimizer_share=false",
+      SLICES[1], tmp_path / "out.json", "--optimizer_share=false",
       patch=("utils.ACTIVATION_RULES = ()\n"
              "models.Embeddings.word_table = lambda self: "
              "self.word.embedding"))
   shapes = [s for row in report["programs"]
             for s in row["global_batch_shapes"]]
   assert shapes, report
+  assert any(_collective_bytes(row) > _fsdp_bound(report)
+             for row in report["programs"])
 
 
 # A scheduled module as XLA:TPU prints it: a prefetch into on-chip memory
@@ -243,6 +285,32 @@ def test_hbm_bytes_count_memory_space_zero_only():
   assert xla_report.kernel_count(_HLO) == 1
 
 
+def test_jaxpr_flops_counts_scans_their_length():
+  """2 x out x contracted per matmul; a scan's body its length times; a
+  cond its costlier branch; the backward pass's matmuls too."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  xla_report = _xla_report()
+  x = jnp.ones((4, 8))
+  w = jnp.ones((3, 8, 8))
+
+  def forward(x, w):
+    def layer(h, wi):
+      return jnp.tanh(h @ wi), None
+    h, _ = jax.lax.scan(layer, x, w)
+    return jax.lax.cond(h.sum() > 0, lambda h: h @ jnp.ones((8, 5)),
+                        lambda h: h[:, :5], h).sum()
+
+  one = 2 * 4 * 8 * 8  # one layer's (4, 8) @ (8, 8)
+  head = 2 * 4 * 5 * 8
+  assert xla_report.jaxpr_flops(jax.make_jaxpr(forward)(x, w)) == (
+      3 * one + head)
+  # The gradient in w: each layer's forward, and two matmuls backward
+  # (the input's and the weight's gradients), the head's backward once.
+  grad = jax.make_jaxpr(jax.grad(forward, argnums=1))(x, w)
+  assert xla_report.jaxpr_flops(grad) == 3 * 3 * one + 2 * head
+
+
 def test_shapes_with_the_global_batch():
   xla_report = _xla_report()
   assert xla_report.shapes_with_dim(_HLO, 16) == ["f32[16]"]
@@ -293,3 +361,34 @@ def test_update_benchmark_tpu_mode(tmp_path):
             row["xla_bytes_per_param"], rel=0.03), cell
       assert adamw["hbm_bytes_per_param"] == pytest.approx(28.0, rel=0.02)
       assert lamb["hbm_bytes_per_param"] == pytest.approx(40.0, rel=0.02)
+
+
+def test_docs_tables_are_the_committed_reports():
+  """docs/tpu.md shows each committed train_compile.py report as it came out.
+
+  The reports in examples/bert/results/pod/ are the JSON of the runs the
+  docs quote (minutes each, so not rerun here); each one's table, as
+  ``xla_report.markdown`` renders it, must be in the docs verbatim.
+  """
+  xla_report = _xla_report()
+  docs = (_ROOT / "docs" / "tpu.md").read_text()
+  reports = sorted((_EXAMPLE / "results" / "pod").glob("*.json"))
+  assert len(reports) >= 4, reports
+  for path in reports:
+    report = json.loads(path.read_text())
+    assert xla_report.markdown(report) in docs, path.name
+
+
+def test_committed_pod_reports_are_flat_from_16_to_512_devices():
+  """BERT-base at 32 x 128 a device on 16 and 512 v4 chips (the committed
+  reports that docs/tpu.md quotes): per-device memory and collective bytes
+  within 10%, and no buffer of the global batch."""
+  pod = _EXAMPLE / "results" / "pod"
+  small, large = (_programs(json.loads((pod / f"{name}.json").read_text()))
+                  for name in ("flat_v4-16", "flat_v4-512"))
+  assert not _memory_grows(small, large)
+  for program in small:
+    a, b = small[program], large[program]
+    assert b["memory"]["total"] <= 1.1 * a["memory"]["total"], program
+    assert _collective_bytes(b) <= 1.1 * _collective_bytes(a), program
+    assert a["global_batch_shapes"] == b["global_batch_shapes"] == []

@@ -94,9 +94,10 @@ def _fits_or_error(compile_fn) -> tuple[Optional[Any], Optional[str], float]:
 
 def _program_report(name: str, compiled: Optional[Any], error: Optional[str],
                     seconds: float, slice_: xla_report.Topology,
-                    global_batch: Optional[int], hlo_dir: Optional[str]
-                    ) -> dict[str, Any]:
-  """The per-device figures of one compiled program."""
+                    global_batch: Optional[int], hlo_dir: Optional[str],
+                    jaxpr: Any) -> dict[str, Any]:
+  """The per-device figures of one compiled program (``jaxpr``: its
+  global program, for the flops)."""
   chip = slice_.chip
   row: dict[str, Any] = {"program": name, "compile_s": seconds,
                          "hbm_capacity": chip.device_hbm_bytes}
@@ -109,21 +110,13 @@ def _program_report(name: str, compiled: Optional[Any], error: Optional[str],
     with open(os.path.join(hlo_dir, f"{slice_.name}_{name}.hlo"), "w") as f:
       f.write(text)
   mem = xla_report.memory(compiled)
-  # Counted from the HLO, loops their trip count times (XLA's own cost
-  # analysis counts a scanned encoder's loop body once).
-  flops = xla_report.flops(text)
-  hbm = xla_report.hbm_bytes(text)
-  compute_s = flops / chip.device_flops
-  memory_s = hbm / chip.device_bandwidth
   row.update(
       fits=mem["total"] <= chip.device_hbm_bytes, memory=mem,
-      headroom=chip.device_hbm_bytes - mem["total"], flops=flops,
-      hbm_bytes=hbm, xla_flops=xla_report.cost(compiled)["flops"],
+      headroom=chip.device_hbm_bytes - mem["total"],
+      xla_flops=xla_report.cost(compiled)["flops"],
       xla_bytes_accessed=xla_report.cost(compiled)["bytes_accessed"],
-      roofline_s=max(compute_s, memory_s), compute_s=compute_s,
-      memory_s=memory_s,
-      collectives=xla_report.collectives(text),
-      kernels=xla_report.kernel_count(text))
+      **xla_report.program_figures(
+          text, chip, xla_report.jaxpr_flops(jaxpr) / slice_.num_devices))
   if global_batch is not None:
     row["global_batch_shapes"] = xla_report.shapes_with_dim(text,
                                                             global_batch)
@@ -151,7 +144,7 @@ def _update_report(plan: train.Plan, tx: optax.GradientTransformation,
   compiled, error, seconds = _fits_or_error(
       lambda: jitted.lower(params, state, params).compile())
   return _program_report("update", compiled, error, seconds, slice_, None,
-                         None)
+                         None, jax.make_jaxpr(jitted)(params, state, params))
 
 
 def compile_report(config, topology_name: str,
@@ -200,8 +193,10 @@ def compile_report(config, topology_name: str,
     jitted = plan.jit_train_step(phase)
     compiled, error, seconds = _fits_or_error(
         lambda: jitted.lower(params, opt_state, batch, step).compile())
-    row = _program_report(f"phase_{phase.index + 1}", compiled, error,
-                          seconds, slice_, phase.batch_size, hlo_dir)
+    row = _program_report(
+        f"phase_{phase.index + 1}", compiled, error, seconds, slice_,
+        phase.batch_size, hlo_dir,
+        jax.make_jaxpr(jitted)(params, opt_state, batch, step))
     row.update(seq_length=phase.seq_length, global_batch=phase.batch_size,
                num_micro_batches=phase.num_micro_batches,
                per_device_batch=phase.batch_size // slice_.num_devices,
@@ -220,11 +215,12 @@ def compile_report(config, topology_name: str,
                    - config.eval_batch_size % slice_.num_devices)
   seq_length = plan.phases[-1].seq_length
   jitted = plan.jit_eval_step()
+  eval_batch_shapes = plan.eval_batch_shapes(eval_batch, seq_length)
   compiled, error, seconds = _fits_or_error(
-      lambda: jitted.lower(params, plan.eval_batch_shapes(
-          eval_batch, seq_length)).compile())
+      lambda: jitted.lower(params, eval_batch_shapes).compile())
   row = _program_report("eval", compiled, error, seconds, slice_, eval_batch,
-                        hlo_dir)
+                        hlo_dir, jax.make_jaxpr(jitted)(params,
+                                                        eval_batch_shapes))
   row.update(seq_length=seq_length, global_batch=eval_batch)
   report["programs"].append(row)
   report["updates"] = updates

@@ -509,80 +509,46 @@ def hbm_bytes(text: str) -> float:
   return total
 
 
-def _all_executions(hlo: Hlo) -> dict[str, float]:
-  """Like ``executions``, and fused computations as often as their fusion."""
-  counts = collections.defaultdict(float, executions(hlo))
+def jaxpr_flops(jaxpr: Any) -> float:
+  """Matrix-multiply flops of a whole (global) program, from its jaxpr.
 
-  def visit(name: str, times: float) -> None:
-    for inst in hlo.computations.get(name, []):
-      called = re.search(r"calls=%?([\w.\-]+)", inst.rest)
-      if inst.opcode == "fusion" and called:
-        counts[called.group(1)] += times
-        visit(called.group(1), times)
+  2 x output size x contracted size of every ``dot_general``, a ``scan``'s
+  body its length times (a scanned encoder's layers, accumulation's
+  micro-batches), a ``cond`` its costliest branch, every other nested jaxpr
+  (``jit``, ``remat``'s recomputation, custom derivatives) once, a
+  ``while`` loop's body once. Counted before partitioning: per device it is
+  this over the device count, the least any device can do when no work is
+  repeated (``train_compile.py`` checks separately that the batch is not).
 
-  for name, times in list(counts.items()):
-    visit(name, times)
-  return dict(counts)
+  The compiled program is no good source: XLA's ``cost_analysis()`` counts a
+  loop's body once whatever its trip count, and XLA:TPU rewrites batched
+  and collective matmuls into convolutions with padded, dilated windows
+  whose useful products the HLO does not spell out.
 
-
-def _dims(text: str) -> list[int]:
-  arrays = _ARRAY.findall(text)
-  if not arrays or not arrays[0][1]:
-    return []
-  return [int(d) for d in arrays[0][1].split(",")]
-
-
-def _convolution_contraction(inst: _Instruction,
-                             rhs: list[int]) -> Optional[int]:
-  """Products per output element of a convolution: the kernel's input
-  features times, per spatial dimension, the window elements that meet the
-  input. XLA:TPU writes a batched matmul (attention) as a convolution whose
-  batch dimensions are spatial, with the window dilated over the input
-  (``lhs_dilate`` = window size): one element each, not the window.
+  Args:
+    jaxpr: A ``jax.core.ClosedJaxpr`` or ``Jaxpr`` (``jax.make_jaxpr``).
   """
-  labels = re.search(r"dim_labels=[^_]*_([^-]*)->", inst.rest)
-  if not labels or len(labels.group(1)) != len(rhs):
-    return None
-  rhs_labels = labels.group(1)
-  features = rhs[rhs_labels.index("i")] if "i" in rhs_labels else 1
-  window = re.search(r"window=\{([^}]*)\}", inst.rest)
-  fields = dict(re.findall(r"(\w+)=(\S+)", window.group(1))) if window else {}
-  sizes = [int(v) for v in fields.get("size", "").split("x") if v]
-  dilations = [int(v) for v in fields.get("lhs_dilate", "").split("x") if v]
-  dilations += [1] * (len(sizes) - len(dilations))
-  taps = math.prod(-(-size // dilation)
-                   for size, dilation in zip(sizes, dilations))
-  return features * taps
-
-
-def flops(text: str) -> float:
-  """Matrix-multiply flops per call: 2 x output x contracted size of every
-  dot and convolution, loops counted their trip count times.
-
-  XLA's ``cost_analysis()["flops"]`` counts a loop's body once, whatever its
-  trip count (a scanned encoder's 24 layers as one); elementwise flops,
-  which this leaves out, are a few percent of a Transformer's.
-  """
-  hlo = parse_hlo(text)
+  from jax.extend import core  # pylint: disable=import-outside-toplevel
+  inner = getattr(jaxpr, "jaxpr", jaxpr)
   total = 0.0
-  for name, n in _all_executions(hlo).items():
-    for inst in hlo.computations.get(name, []):
-      if inst.opcode not in ("dot", "convolution"):
-        continue
-      out = math.prod(_dims(inst.result))
-      operands = inst.operand_names
-      if inst.opcode == "dot":
-        lhs = _dims(hlo.results.get(operands[0], ""))
-        match = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", inst.rest)
-        axes = [int(a) for a in match.group(1).split(",")] if (
-            match and match.group(1)) else []
-        contracted = math.prod(lhs[a] for a in axes)
-      else:
-        contracted = _convolution_contraction(
-            inst, _dims(hlo.results.get(operands[1], "")))
-        if contracted is None:
-          continue
-      total += n * 2 * out * contracted
+  for eqn in inner.eqns:
+    name = eqn.primitive.name
+    if name == "dot_general":
+      (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+      lhs = eqn.invars[0].aval.shape
+      out = eqn.outvars[0].aval.shape
+      total += 2.0 * math.prod(out) * math.prod(lhs[a] for a in lhs_contract)
+      continue
+    if name == "scan":
+      total += eqn.params["length"] * jaxpr_flops(eqn.params["jaxpr"])
+      continue
+    if name == "cond":
+      total += max(jaxpr_flops(b) for b in eqn.params["branches"])
+      continue
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+        if isinstance(sub, (core.ClosedJaxpr, core.Jaxpr)):
+          total += jaxpr_flops(sub)
   return total
 
 
@@ -593,6 +559,24 @@ def kernel_count(text: str) -> int:
   return int(sum(times.get(name, 0.0) * sum(
       1 for inst in instructions if inst.opcode == "fusion")
                  for name, instructions in hlo.computations.items()))
+
+
+def program_figures(text: str, chip: Chip, flop_count: float
+                    ) -> dict[str, Any]:
+  """One program's cost on one device, from its optimized HLO.
+
+  ``flops`` (per device, from ``jaxpr_flops``: the caller's), ``hbm_bytes``
+  counted from the HLO (loops their trip count times, memory space 0), the
+  roofline lower bound of its time ``max(flops / peak, bytes / bandwidth)``
+  with its two terms, the collectives by kind and the kernels launched.
+  """
+  flop_count, hbm = flop_count, hbm_bytes(text)
+  compute_s = flop_count / chip.device_flops
+  memory_s = hbm / chip.device_bandwidth
+  return {"flops": flop_count, "hbm_bytes": hbm,
+          "roofline_s": max(compute_s, memory_s), "compute_s": compute_s,
+          "memory_s": memory_s, "collectives": collectives(text),
+          "kernels": kernel_count(text)}
 
 
 def shapes_with_dim(text: str, size: int) -> list[str]:
