@@ -26,8 +26,9 @@ import pytest
 import helpers
 
 _EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "bert"
-_MODULES = ("train", "models", "input_pipeline", "corpus", "wordpiece",
-            "masking", "prepare_data", "utils", "metrics", "configs",
+_MODULES = ("train", "recipe", "steps", "models", "input_pipeline",
+            "corpus", "wordpiece", "masking", "prepare_data", "utils",
+            "metrics", "configs",
             "configs.default", "configs.test")
 _WORKER = pathlib.Path(__file__).resolve().parent / "bert_multiprocess_worker.py"
 _WORDS = ("the quick brown fox jumps over lazy dog while a patient teacher "

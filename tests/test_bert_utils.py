@@ -29,8 +29,8 @@ import lamb_optax
 _EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "bert"
 # Top-level module names of the example (run as a script, not a package),
 # cleared around the import so another example's modules cannot be picked up.
-_MODULES = ("train", "models", "input_pipeline", "corpus", "wordpiece",
-            "masking", "prepare_data", "utils", "metrics",
+_MODULES = ("train", "recipe", "steps", "models", "input_pipeline",
+            "corpus", "wordpiece", "masking", "prepare_data", "utils", "metrics",
             "configs", "configs.default", "configs.test", "configs.bert_base")
 
 

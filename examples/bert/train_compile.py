@@ -1,6 +1,6 @@
 r"""Will it fit my pod? The train step compiled for a TPU slice, on a CPU.
 
-Compiles the training script's own steps (``train.Plan``: the same functions
+Compiles the training script's own steps (``steps.Plan``: the same functions
 and shardings that ``train.py`` jits), once per phase, and the eval step,
 ahead of time for a TPU topology with no TPU attached (libtpu, the TPU
 compiler, from ``pip install "jax[tpu]==<installed jax>"``; see
@@ -49,7 +49,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-import train
+import recipe
+import steps
 import utils
 
 import lamb_optax
@@ -123,7 +124,7 @@ def _program_report(name: str, compiled: Optional[Any], error: Optional[str],
   return row
 
 
-def _update_report(plan: train.Plan, tx: optax.GradientTransformation,
+def _update_report(plan: steps.Plan, tx: optax.GradientTransformation,
                    slice_: xla_report.Topology) -> dict[str, Any]:
   """The optimizer update alone (update + apply_updates), sharded as in
   the step: the parameters, gradients and moments as ``plan`` shards them."""
@@ -171,7 +172,7 @@ def compile_report(config, topology_name: str,
   slice_ = xla_report.topology(topology_name)
   devices = xla_report.topology_devices(slice_)
   mesh = Mesh(np.asarray(devices), (utils.DATA_AXIS,))
-  plan = train.make_plan(config, mesh)
+  plan = steps.make_plan(config, mesh)
   params, opt_state = plan.abstract_state()
   step = jax.ShapeDtypeStruct((), jnp.int32, sharding=plan.replicated)
   report: dict[str, Any] = {
@@ -187,7 +188,7 @@ def compile_report(config, topology_name: str,
     with adamw_config.unlocked():
       adamw_config.optimizer = "adamw"
     updates["adamw"] = _update_report(
-        plan, train.make_optimizer(adamw_config, plan.schedule), slice_)
+        plan, recipe.make_optimizer(adamw_config, plan.schedule), slice_)
   for phase in plan.phases:
     batch = plan.train_batch_shapes(phase)
     jitted = plan.jit_train_step(phase)
