@@ -311,6 +311,61 @@ def test_jaxpr_flops_counts_scans_their_length():
   assert xla_report.jaxpr_flops(grad) == 3 * 3 * one + 2 * head
 
 
+# A loop over 3 layers of a stacked f32[3,4] weight: each iteration's kernel
+# slices one layer (16 B) out of the whole stack (48 B) and writes its row
+# of the stacked f32[3,4] output in place.
+_SLICING_HLO = """\
+HloModule s, is_scheduled=true
+
+%slice_layer (p0: f32[3,4], p1: s32[]) -> f32[1,4] {
+  %p0 = f32[3,4]{1,0} parameter(0)
+  %p1 = s32[] parameter(1)
+  %z = s32[] constant(0)
+  ROOT %ds = f32[1,4]{1,0} dynamic-slice(%p0, %p1, %z), dynamic_slice_sizes={1,4}
+}
+
+%write_row (q0: f32[3,4], q1: f32[1,4], q2: s32[]) -> f32[3,4] {
+  %q0 = f32[3,4]{1,0} parameter(0)
+  %q1 = f32[1,4]{1,0} parameter(1)
+  %q2 = s32[] parameter(2)
+  %z2 = s32[] constant(0)
+  ROOT %dus = f32[3,4]{1,0} dynamic-update-slice(%q0, %q1, %q2, %z2)
+}
+
+%cond (c: (s32[], f32[3,4], f32[3,4])) -> pred[] {
+  %c = (s32[], f32[3,4]{1,0}, f32[3,4]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%c), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body (b: (s32[], f32[3,4], f32[3,4])) -> (s32[], f32[3,4], f32[3,4]) {
+  %b = (s32[], f32[3,4]{1,0}, f32[3,4]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%b), index=0
+  %w = f32[3,4]{1,0} get-tuple-element(%b), index=1
+  %o = f32[3,4]{1,0} get-tuple-element(%b), index=2
+  %layer = f32[1,4]{1,0} fusion(%w, %j), kind=kLoop, calls=%slice_layer
+  %out = f32[3,4]{1,0} fusion(%o, %layer, %j), kind=kLoop, calls=%write_row
+  ROOT %t = (s32[], f32[3,4]{1,0}, f32[3,4]{1,0}) tuple(%j, %w, %out)
+}
+
+ENTRY %main (a: (s32[], f32[3,4], f32[3,4])) -> (s32[], f32[3,4], f32[3,4]) {
+  %a = (s32[], f32[3,4]{1,0}, f32[3,4]{1,0}) parameter(0)
+  ROOT %loop = (s32[], f32[3,4]{1,0}, f32[3,4]{1,0}) while(%a), condition=%cond, body=%body
+}
+"""
+
+
+def test_hbm_bytes_of_a_loop_over_a_stacked_weight_count_slices():
+  xla_report = _xla_report()
+  # Per iteration: the slicing kernel reads one layer (16 B) and the
+  # counter (4 B), writes 16 B; the in-place kernel reads the layer (16 B)
+  # and the counter, writes one row (16 B); the condition reads two s32 and
+  # writes a pred. Not the whole stacks (48 B) each time.
+  per_iteration = (16 + 4 + 16) + (16 + 4 + 16) + (4 + 4 + 1)
+  assert xla_report.hbm_bytes(_SLICING_HLO) == 3 * per_iteration
+
+
 def test_shapes_with_the_global_batch():
   xla_report = _xla_report()
   assert xla_report.shapes_with_dim(_HLO, 16) == ["f32[16]"]

@@ -26,6 +26,7 @@ The figures are the compiler's estimates, not measurements: the roofline is
 a lower bound.
 """
 
+import importlib.metadata
 import json
 import os
 import sys
@@ -180,7 +181,8 @@ def compile_report(config, topology_name: str,
       "chip": slice_.chip.name, "chip_source": slice_.chip.source,
       "num_devices": slice_.num_devices, "num_params": plan.num_params,
       "optimizer": config.optimizer, "fsdp": bool(config.fsdp),
-      "remat": bool(config.remat), "programs": []}
+      "remat": bool(config.remat), "jax": jax.__version__,
+      "libtpu": importlib.metadata.version("libtpu"), "programs": []}
   updates = {}
   if optimizer_share:
     updates["optimizer"] = _update_report(plan, plan.tx, slice_)

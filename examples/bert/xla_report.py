@@ -6,10 +6,13 @@
 * ``CHIPS``, ``TOPOLOGIES``, ``topology_devices``: each TPU generation's
   public per-chip figures (with sources) and named slices, and their devices
   from ``jax.experimental.topologies`` (no TPU attached: compile only).
-* ``memory``, ``collectives``, ``hbm_bytes``, ``cost``: per-device figures
-  of a compiled executable: its HBM (arguments, outputs, temporaries), its
-  collectives by kind with their operand bytes, the bytes it moves to and
-  from HBM counted from the optimized HLO by memory space, and XLA's flops.
+* ``memory``, ``collectives``, ``hbm_bytes``, ``cost``, ``program_figures``:
+  per-device figures of a compiled executable: its HBM (arguments, outputs,
+  temporaries), its collectives by kind with their operand bytes, the bytes
+  it moves to and from HBM counted from the optimized HLO by memory space,
+  XLA's own cost analysis, and the roofline.
+* ``jaxpr_flops``: a program's matmul flops, from its jaxpr.
+* ``markdown``: a ``train_compile.py`` report as a table.
 
 What the optimized HLO can and cannot tell is in docs/tpu.md: XLA:TPU may
 write a reduce-scatter or an all-gather as an all-reduce, so a collective's
@@ -593,7 +596,7 @@ def shapes_with_dim(text: str, size: int) -> list[str]:
 
 
 def _gib(x: float) -> str:
-  return f"{x / GiB:.2f}"
+  return f"{x / GiB:.3g}"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -610,8 +613,9 @@ def markdown(report: dict[str, Any]) -> str:
       "collectives (count, operand MB) | compile s |",
       "|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---|---:|"]
   for r in report["programs"]:
-    batch = (f"{r.get('global_batch', '')} ({r.get('per_device_batch', '')})"
-             f" x {r.get('seq_length', '')}")
+    per_device = r.get("global_batch", 0) / report["num_devices"]
+    batch = (f"{r.get('global_batch', '')} ({per_device:g}) x "
+             f"{r.get('seq_length', '')}")
     if not r["fits"] and "memory" not in r:
       lines.append(f"| {r['program']} | {batch} | | | | **no**: "
                    f"{r['error']} | | | | | | | {r['compile_s']:.0f} |")
@@ -620,7 +624,7 @@ def markdown(report: dict[str, Any]) -> str:
     shares = []
     for name in ("optimizer", "adamw"):
       u = r.get("update", {}).get(name)
-      shares.append(f"{u['bytes_share']:.1%} / {u['time_share']:.1%}"
+      shares.append(f"{u['bytes_share']:.2%} / {u['time_share']:.2%}"
                     if u else "")
     coll = ", ".join(f"{k} {v['count']:.0f}, {v['operand_bytes'] / 1e6:.1f}"
                      for k, v in sorted(r["collectives"].items()))
