@@ -16,6 +16,7 @@ from lamb_optax._src.lamb import lamb
 from lamb_optax._src.layers import axis_names_from_specs
 from lamb_optax._src.layers import layer_axes_from_metadata
 from lamb_optax._src.lars import lars
+from lamb_optax._src.prefix import param_path_str as param_path
 from lamb_optax._src.sharding import state_shardings
 from lamb_optax._src.state_utils import trust_ratios
 from lamb_optax._src.stored_direction import StoredDirectionState
@@ -35,6 +36,7 @@ __all__ = (
     "lars",
     "masks",
     "multi_steps",
+    "param_path",
     "presets",
     "scale_by_adam",
     "scale_by_trust_ratio",

@@ -292,3 +292,17 @@ def test_error_when_state_has_no_trust_ratio(tx):
   state = tx.init(small_params())
   with pytest.raises(ValueError, match="trust"):
     lamb_optax.trust_ratios(state)
+
+
+def test_param_path_names_a_leaf_as_errors_and_logs_do():
+  """lamb_optax.param_path: keys joined by '/', without the trailing Flax
+  Variable attribute, so nnx states and pure arrays give one name."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import lamb_optax  # pylint: disable=import-outside-toplevel
+  keys = jax.tree_util
+  path = (keys.DictKey("encoder"), keys.SequenceKey(0),
+          keys.GetAttrKey("kernel"))
+  assert lamb_optax.param_path(path) == "encoder/0/kernel"
+  assert lamb_optax.param_path(path + (keys.GetAttrKey("value"),)) == (
+      "encoder/0/kernel")
+  assert lamb_optax.param_path(()) == ""

@@ -36,11 +36,7 @@ TENSORBOARD_DIR = "tensorboard"
 # Trust ratios by name.
 
 
-def param_name(path) -> str:
-  """A key path as ``"encoder/layer_0/attention/query/kernel"``."""
-  keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-          for k in path]
-  return "/".join(keys)
+param_name = lamb_optax.param_path  # "encoder/layer_0/attention/query/kernel"
 
 
 def has_trust_ratios(opt_state) -> bool:

@@ -108,11 +108,7 @@ def named_trust_ratios(optimizer: nnx.Optimizer) -> dict[str, float]:
   ratios = lamb_optax.trust_ratios(optimizer.opt_state)
   named = {}
   for path, value in jax.tree_util.tree_leaves_with_path(ratios):
-    keys = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-            for k in path]
-    while keys and keys[-1] in ("value", "raw_value"):
-      keys.pop()
-    named["/".join(keys)] = float(value)
+    named[lamb_optax.param_path(path)] = float(value)
   return named
 
 

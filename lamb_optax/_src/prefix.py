@@ -15,11 +15,27 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def param_path_str(path: Sequence[Any]) -> str:
-  """:func:`path_str` without a trailing Flax ``Variable`` attribute.
+  """A parameter's key path as ``'encoder/layer_0/attention/query/kernel'``.
 
-  ``nnx.state(model, nnx.Param)`` leaves are reached through a
-  ``GetAttrKey('value')``, while ``nnx.Optimizer`` passes pure arrays to
-  ``update``: dropping that attribute gives both the same path.
+  The name every lamb_optax error and the examples' logs give a parameter
+  (public as ``lamb_optax.param_path``): the keys joined by ``/``, without
+  a trailing Flax ``Variable`` attribute. ``nnx.state(model, nnx.Param)``
+  leaves are reached through a ``GetAttrKey('value')``, while
+  ``nnx.Optimizer`` passes pure arrays to ``update``: dropping that
+  attribute gives both the same path.
+
+  Args:
+    path: A key path (``jax.tree_util.tree_flatten_with_path``).
+
+  Returns:
+    The ``/``-joined path.
+
+  Examples:
+    >>> import jax, lamb_optax
+    >>> tree = {"dense": {"kernel": 1.0, "bias": [2.0, 3.0]}}
+    >>> [lamb_optax.param_path(p)
+    ...  for p, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    ['dense/bias/0', 'dense/bias/1', 'dense/kernel']
   """
   path = list(path)
   if (path and isinstance(path[-1], jax.tree_util.GetAttrKey)
