@@ -61,11 +61,12 @@ def _overrides(num_devices: int) -> list[str]:
 
 
 def _compile(slice_name: str, out: pathlib.Path, *extra: str,
-             patch: str = "") -> dict:
+             patch: str = "", returncode: int = 0) -> dict:
   """Runs train_compile.py as a user would and returns its JSON.
 
   ``patch``: Python run after train_compile.py's imports, before its main
-  (to compile a deliberately broken model).
+  (to compile a deliberately broken model). ``returncode``: the exit status
+  expected (its stderr is then in the result's ``"stderr"``).
   """
   num_devices = int(slice_name.split("-")[1])
   env = dict(os.environ)
@@ -84,11 +85,12 @@ def _compile(slice_name: str, out: pathlib.Path, *extra: str,
   result = subprocess.run(
       [sys.executable, *command], cwd=_ROOT, env=env, capture_output=True,
       text=True, timeout=900, check=False)
-  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+  assert result.returncode == returncode, (
+      result.stdout[-3000:] + result.stderr[-3000:])
   # libtpu stays quiet: no start-up warnings on a machine with no TPU.
   assert "TPU accelerator type" not in result.stderr, result.stderr[-2000:]
   with open(out) as f:
-    return json.load(f)
+    return dict(json.load(f), stderr=result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -198,6 +200,22 @@ def test_the_checks_catch_an_unconstrained_model(tmp_path):
   assert shapes, report
   assert any(_collective_bytes(row) > _fsdp_bound(report)
              for row in report["programs"])
+
+
+@needs_compiler
+def test_a_config_that_does_not_fit_exits_naming_the_knobs(tmp_path):
+  """On a chip of 1 MB, nothing fits: exit status 1, the programs that do
+  not fit, and the knobs to turn, on stderr; the JSON says so too."""
+  report = _compile(
+      SLICES[0], tmp_path / "out.json", "--optimizer_share=false",
+      patch=("import dataclasses, xla_report\n"
+             "xla_report.CHIPS['v5e'] = dataclasses.replace("
+             "xla_report.CHIPS['v5e'], hbm_bytes=1e6)"), returncode=1)
+  assert not report["fits"]
+  assert [row["fits"] for row in report["programs"]] == [False] * 3
+  assert "Does not fit v5e-4: phase_1, phase_2, eval" in report["stderr"]
+  for knob in ("micro_batch_size", "remat", "fsdp"):
+    assert f"--config.{knob}" in report["stderr"]
 
 
 # A scheduled module as XLA:TPU prints it: a prefetch into on-chip memory
