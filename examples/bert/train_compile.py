@@ -111,12 +111,12 @@ def _program_report(name: str, compiled: Optional[Any], error: Optional[str],
     os.makedirs(hlo_dir, exist_ok=True)
     with open(os.path.join(hlo_dir, f"{slice_.name}_{name}.hlo"), "w") as f:
       f.write(text)
-  mem = xla_report.memory(compiled)
+  mem, xla_cost = xla_report.memory(compiled), xla_report.cost(compiled)
   row.update(
       fits=mem["total"] <= chip.device_hbm_bytes, memory=mem,
       headroom=chip.device_hbm_bytes - mem["total"],
-      xla_flops=xla_report.cost(compiled)["flops"],
-      xla_bytes_accessed=xla_report.cost(compiled)["bytes_accessed"],
+      xla_flops=xla_cost["flops"],
+      xla_bytes_accessed=xla_cost["bytes_accessed"],
       **xla_report.program_figures(
           text, chip, xla_report.jaxpr_flops(jaxpr) / slice_.num_devices))
   if global_batch is not None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -277,8 +278,13 @@ def _operands(rest: str) -> str:
   return rest
 
 
+@functools.lru_cache(maxsize=4)
 def parse_hlo(text: str) -> Hlo:
-  """Parses an optimized HLO module's text (``compiled.as_text()``)."""
+  """Parses an optimized HLO module's text (``compiled.as_text()``).
+
+  Cached: ``program_figures`` asks for the same module's HBM bytes,
+  collectives and kernels, and a pod's step is megabytes of text.
+  """
   computations: dict[str, list[_Instruction]] = {}
   results: dict[str, str] = {}
   roots: dict[str, str] = {}
