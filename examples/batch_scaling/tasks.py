@@ -343,6 +343,87 @@ def unigram_cross_entropy(train_stream: np.ndarray, targets: np.ndarray,
   return float(np.sum(costs * weights) / max(1.0, np.sum(weights)))
 
 
+def bigram_cross_entropy(train_stream: np.ndarray, windows: np.ndarray,
+                         positions: np.ndarray, targets: np.ndarray,
+                         weights: np.ndarray, vocab_size: int,
+                         num_special: int,
+                         cls_id: int = mlm_pipeline.wordpiece.CLS_ID
+                         ) -> float:
+  """The held-out masked targets' cross-entropy (nats) under a bigram model.
+
+  The model predicts a target ``t`` from its left neighbour ``l`` with
+  add-one smoothing over the ``V' = vocab_size - num_special`` non-special
+  tokens: ``p(t | l) = (c(l, t) + 1) / (c(l) + V')``, where ``c(l, t)``
+  counts the training pairs ``(l, t)`` with ``t`` non-special (``l`` may be
+  special: [CLS], or the [SEP] ending the previous document) and
+  ``c(l) = sum_t c(l, t)``.
+
+  Training pairs are counted as the model sees its sequences: the training
+  stream is cut into consecutive windows of ``seq_length - 2`` tokens, each
+  framed [CLS] + window + [SEP] (as :func:`mlm_pipeline.eval_windows`
+  frames the held-out stream), so the first token of every window has
+  [CLS] on its left and every other token its predecessor in the stream.
+  The model's training windows start at random offsets
+  (``mlm_pipeline.train_batch``), which puts [CLS] left of a token in the
+  same proportion (one token in ``seq_length - 2``) in expectation.
+
+  ``l`` is the target's ORIGINAL left token in the held-out sequence
+  (``windows``, unmasked: :func:`mlm_pipeline.eval_windows`), even where
+  that token is itself masked in the model's input: the baseline sees a
+  little more than the model can, so it is slightly stronger than a
+  bigram the model could implement, hence conservative for a gate that
+  asks the model to beat it.
+
+  Args:
+    train_stream: The training token ids (``mlm_pipeline.token_stream``).
+    windows: ``(num_sequences, seq_length)`` held-out sequences, framed and
+      unmasked (``mlm_pipeline.eval_windows``).
+    positions: ``masked_positions`` of ``mlm_pipeline.eval_batches`` on the
+      same windows.
+    targets: Its ``masked_ids`` (checked against ``windows``).
+    weights: Its ``masked_weights``.
+    vocab_size: The tokenizer's vocabulary size.
+    num_special: The special tokens (ids below it; never targets).
+    cls_id: The [CLS] id.
+  """
+  stream = np.asarray(train_stream).astype(np.int64)
+  windows = np.asarray(windows).astype(np.int64)
+  positions = np.asarray(positions).astype(np.int64)
+  targets = np.asarray(targets).astype(np.int64)
+  weights = np.asarray(weights, np.float64)
+  window = windows.shape[1] - 2
+  num_targets = vocab_size - num_special
+  left = np.empty_like(stream)
+  left[1:] = stream[:-1]
+  left[::window] = cls_id  # Each window's first token follows [CLS].
+  keep = stream >= num_special
+  pairs = np.bincount(left[keep] * num_targets + stream[keep] - num_special,
+                      minlength=vocab_size * num_targets)
+  pairs = pairs.reshape(vocab_size, num_targets).astype(np.float64)
+  log_p = np.log(pairs + 1.0) - np.log(
+      pairs.sum(axis=1, keepdims=True) + num_targets)
+  if not (positions.shape == targets.shape == weights.shape
+          and positions.shape[0] == windows.shape[0]):
+    raise ValueError("bigram_cross_entropy: `positions`, `targets` and "
+                     "`weights` must have one row per window.")
+  real = weights > 0
+  rows = np.broadcast_to(np.arange(windows.shape[0])[:, None],
+                         positions.shape)
+  if np.any(positions[real] < 1):
+    raise ValueError("bigram_cross_entropy: a masked target at position 0 "
+                     "has no left neighbour.")
+  if not np.array_equal(windows[rows, positions][real], targets[real]):
+    raise ValueError("bigram_cross_entropy: `windows` are not the sequences "
+                     "the targets were masked in.")
+  if np.any(targets[real] < num_special):
+    raise ValueError("bigram_cross_entropy: a masked target is a special "
+                     "token.")
+  lefts = windows[rows, np.maximum(positions - 1, 0)]
+  costs = -log_p[lefts, np.maximum(targets - num_special, 0)]
+  return float(np.sum(np.where(real, costs, 0.0) * weights)
+               / max(1.0, np.sum(weights)))
+
+
 def make_task(name: str, config: ml_collections.ConfigDict,
               cache_dir: str) -> Task:
   """The task ``name`` built from its config section."""
