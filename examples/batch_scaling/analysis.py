@@ -13,7 +13,7 @@ import random
 import statistics
 from typing import Any, Optional, Sequence
 
-VERDICTS = ("reproduced", "partial", "fails", "untestable")
+VERDICTS = ("reproduced", "partial", "fails", "untestable", "uninformative")
 # The optimizers the paper's claim is about (LAMB against these two), and
 # the batch ratio at which "every optimizer degrades" makes a task
 # untestable.
@@ -138,32 +138,6 @@ def tolerance(se_a: float, se_b: float, floor: float) -> float:
   return max(2.0 * math.sqrt(se_a**2 + se_b**2), floor)
 
 
-def target_eval_index(num_evals: int, fraction: float) -> int:
-  """The 0-based index of the evaluation at ``fraction`` of the budget.
-
-  The evaluations fall at ``1/num_evals, 2/num_evals, ..., 1`` of the run;
-  this is the one nearest ``fraction`` (at least the first).
-  """
-  if not 0 < fraction <= 1:
-    raise ValueError(f"`target_fraction` must be in (0, 1], got {fraction!r}.")
-  return max(1, round(fraction * num_evals)) - 1
-
-
-def mid_budget_target(values: dict[str, float], higher_is_better: bool
-                      ) -> float:
-  """The steps-to-target target from the base batch.
-
-  ``values[optimizer]`` is the tuned base-batch metric (the median over the
-  report seeds, so that one diverged seed does not move it) at the
-  evaluation of :func:`target_eval_index`; the target is the worst of them,
-  so that every optimizer reaches it at the base batch by that point of its
-  budget (and the slowest at about that point).
-  """
-  if higher_is_better:
-    return min(values.values())
-  return max(values.values())
-
-
 def degradation(base_mean: float, mean: float, higher_is_better: bool
                 ) -> float:
   """How much worse ``mean`` is than ``base_mean`` (> 0: worse)."""
@@ -238,12 +212,20 @@ def critical_batch(batches: Sequence[int],
   return kept
 
 
-def _resamples(num_seeds: int):
-  """Index tuples of the seed bootstrap: all of them, or a fixed sample."""
-  if num_seeds**num_seeds <= EXACT_BOOTSTRAP_LIMIT:
-    return list(itertools.product(range(num_seeds), repeat=num_seeds))
+def _draws(num_seeds: int) -> list[tuple[int, ...]]:
+  """Every way to draw ``num_seeds`` seed indices with replacement."""
+  return list(itertools.product(range(num_seeds), repeat=num_seeds))
+
+
+def _resamples(num_selection: int, num_report: int
+               ) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+  """(selection draw, report draw) pairs: all of them, or a fixed sample."""
+  total = num_selection**num_selection * num_report**num_report
+  if total <= EXACT_BOOTSTRAP_LIMIT:
+    return list(itertools.product(_draws(num_selection), _draws(num_report)))
   rng = random.Random(0)
-  return [tuple(rng.randrange(num_seeds) for _ in range(num_seeds))
+  return [(tuple(rng.randrange(num_selection) for _ in range(num_selection)),
+           tuple(rng.randrange(num_report) for _ in range(num_report)))
           for _ in range(EXACT_BOOTSTRAP_LIMIT)]
 
 
@@ -254,44 +236,108 @@ def _quantile(sorted_values: Sequence[int], q: float) -> int:
   return sorted_values[min(k, n) - 1]
 
 
-def bootstrap_critical_batch(
-    batches: Sequence[int],
-    steps_by_seed: dict[int, Sequence[Optional[float]]],
-    overhead: float = CRITICAL_OVERHEAD,
-    level: float = INTERVAL_LEVEL) -> dict[str, Any]:
-  """The critical batch with its seed-bootstrap interval.
+def select_for_steps(steps_by_lr: dict[float, Sequence[Optional[float]]],
+                     finals_by_lr: dict[float, Sequence[float]],
+                     higher_is_better: bool) -> float:
+  """The rate with the fewest median steps to the target (Shallue et al.).
 
-  ``steps_by_seed[B][i]`` is the steps to target of report seed i at batch
-  B (None: censored), the same seeds at every batch. A resample draws n
-  seed indices with replacement (n = the number of seeds) and uses those
-  seeds at every batch: its critical batch is :func:`critical_batch` of the
-  per-batch medians over the drawn seeds. The interval is the central
-  ``level`` of the resamples' critical batches (the smallest value whose
-  empirical CDF reaches (1 - level) / 2, and (1 + level) / 2).
+  ``steps_by_lr[lr]`` holds the selection seeds' steps to the target (None:
+  censored, counted as never); the median over them decides. Ties (every
+  rate censored, say) go to the better mean final metric
+  (``finals_by_lr[lr]``), then to the smaller rate.
+  """
+  def key(lr):
+    steps = [math.inf if v is None else v for v in steps_by_lr[lr]]
+    final = statistics.fmean(finals_by_lr[lr])
+    return (statistics.median(steps), -final if higher_is_better else final,
+            lr)
+  return min(steps_by_lr, key=key)
+
+
+def critical_bound(batch: int, batches: Sequence[int]) -> Optional[str]:
+  """``"upper"`` for a critical batch at the grid's smallest batch (the
+  truth is that batch or below: printed ``<= B``), ``"lower"`` at its
+  largest (``>= B``), None inside (a measured value) or for 0 (none)."""
+  if batch == 0:
+    return None
+  if batch == batches[0]:
+    return "upper"
+  if batch == batches[-1]:
+    return "lower"
+  return None
+
+
+def bootstrap_critical_batch(
+    batches: Sequence[int], cells: dict[int, dict[str, Any]],
+    higher_is_better: bool, overhead: float = CRITICAL_OVERHEAD,
+    level: float = INTERVAL_LEVEL) -> dict[str, Any]:
+  """The critical batch, tuned for steps to the target, with an interval
+  over the whole pipeline.
+
+  ``cells[B]`` holds, for every rate ``lr`` of batch B's grid,
+  ``"select_steps"[lr]`` and ``"select_final"[lr]`` (one value per
+  selection seed, in seed order) and ``"report_steps"[lr]`` (one per report
+  seed): every seed trains every rate. The estimate chooses each batch's
+  rate on the selection seeds (:func:`select_for_steps`), takes the median
+  steps over the report seeds at that rate, and reads :func:`critical_batch`
+  off the medians. A resample draws the selection seeds and the report
+  seeds with replacement (each its own pool; the same draw at every batch)
+  and repeats the whole of that, the choice of the rate included. All
+  ``nS**nS * nR**nR`` resamples are enumerated up to
+  ``EXACT_BOOTSTRAP_LIMIT``; above, that many are drawn with a fixed seed.
+  The interval is the central ``level`` of the resamples' critical batches.
 
   Returns:
-    ``{"batch": the critical batch of the medians over all seeds,
-    "interval": [low, high], "resamples": {batch: count}}`` (0 = no batch).
+    ``{"batch", "interval": [low, high], "resamples": {batch: count},
+    "lr": {B: chosen rate}, "median_steps": {B: median or None},
+    "censored": bool, "bound": None | "upper" | "lower",
+    "interval_bounds": [bound of low, bound of high]}`` (0 = no batch).
   """
-  num_seeds = len(steps_by_seed[batches[0]])
-  if any(len(steps_by_seed[b]) != num_seeds for b in batches):
-    raise ValueError("bootstrap_critical_batch needs the same seeds at every "
-                     "batch.")
-  point = critical_batch(
-      batches, {b: median_steps(steps_by_seed[b]) for b in batches}, overhead)
+  first = cells[batches[0]]
+  lrs0 = next(iter(first["select_steps"]))
+  num_select = len(first["select_steps"][lrs0])
+  num_report = len(first["report_steps"][lrs0])
+  for b in batches:
+    for key, n in (("select_steps", num_select), ("select_final", num_select),
+                   ("report_steps", num_report)):
+      if any(len(v) != n for v in cells[b][key].values()):
+        raise ValueError("bootstrap_critical_batch needs the same seeds at "
+                         "every batch and rate.")
+
+  def estimate(select_draw, report_draw):
+    chosen, medians = {}, {}
+    for b in batches:
+      c = cells[b]
+      lr = select_for_steps(
+          {r: [v[i] for i in select_draw] for r, v in c["select_steps"].items()},
+          {r: [v[i] for i in select_draw] for r, v in c["select_final"].items()},
+          higher_is_better)
+      chosen[b] = lr
+      medians[b] = median_steps([c["report_steps"][lr][i]
+                                 for i in report_draw])
+    return chosen, medians
+
+  chosen, medians = estimate(tuple(range(num_select)),
+                             tuple(range(num_report)))
+  point = critical_batch(batches, medians, overhead)
   values = []
-  for draw in _resamples(num_seeds):
-    medians = {b: median_steps([steps_by_seed[b][i] for i in draw])
-               for b in batches}
-    values.append(critical_batch(batches, medians, overhead))
+  memo: dict = {}
+  for draw in _resamples(num_select, num_report):
+    key = (tuple(sorted(draw[0])), tuple(sorted(draw[1])))
+    if key not in memo:  # The estimate depends on the multisets only.
+      memo[key] = critical_batch(batches, estimate(*draw)[1], overhead)
+    values.append(memo[key])
   values.sort()
   counts = {}
   for v in values:
     counts[v] = counts.get(v, 0) + 1
-  return {"batch": point,
-          "interval": [_quantile(values, (1 - level) / 2),
-                       _quantile(values, (1 + level) / 2)],
-          "resamples": counts}
+  interval = [_quantile(values, (1 - level) / 2),
+              _quantile(values, (1 + level) / 2)]
+  bound = critical_bound(point, batches)
+  return {"batch": point, "interval": interval, "resamples": counts,
+          "lr": chosen, "median_steps": medians,
+          "censored": bound is not None, "bound": bound,
+          "interval_bounds": [critical_bound(v, batches) for v in interval]}
 
 
 def interval_order(a: Sequence[int], b: Sequence[int]) -> str:
@@ -326,21 +372,27 @@ def task_verdict(summary: dict[str, Any]) -> dict[str, Any]:
   gate = summary["gate"]
   critical = summary["critical"]
   optimizers = list(cells["tuned"])
+  batches_of = summary.get("optimizer_batches") or {
+      o: batches for o in optimizers}
   largest = {arm: {} for arm in ("tuned", "transfer")}
   for arm in largest:
     for opt in optimizers:
       largest[arm][opt] = largest_kept_batch(
-          batches, cells[arm][opt], cells["tuned"][opt][base], floor, higher)
+          batches_of[opt], cells[arm][opt], cells["tuned"][opt][base], floor,
+          higher)
+  baseline_label = gate.get("baseline_label", "the baseline")
   reasons = [
-      f"gate: the best tuned base-batch result {gate['best']:.4g} beats the "
-      f"baseline {gate['baseline']:.4g} by {gate['margin']:.4g} "
+      f"gate: the best tuned base-batch result {gate['best']:.4g} beats "
+      f"{baseline_label} {gate['baseline']:.4g} by {gate['margin']:.4g} "
       f"({gate['margin_in_floors']:.1f} tau floors; needs {GATE_FACTOR}): "
       + ("passed." if gate["passed"] else "failed.")]
   wins = {"tuned": False, "transfer": False, "critical_batch": False}
   testable = [b for b in batches if b >= UNTESTABLE_RATIO * base]
   missing = [o for o in ("lamb",) + PAPER_BASELINES if o not in optimizers]
   if not missing:
-    top = batches[-1]
+    # The largest batch that LAMB and both baselines trained.
+    top = max(set.intersection(*(set(batches_of[o]) for o in
+                                 ("lamb",) + PAPER_BASELINES)))
     for arm in ("tuned", "transfer"):
       lamb_kept = largest[arm]["lamb"]
       wider = all(lamb_kept > largest[arm][o] for o in PAPER_BASELINES)
@@ -364,15 +416,17 @@ def task_verdict(summary: dict[str, Any]) -> dict[str, Any]:
     wins["critical_batch"] = len(above) == len(PAPER_BASELINES)
     reasons.append(
         f"critical batch (steps to target within {CRITICAL_OVERHEAD}x of "
-        f"perfect scaling; {INTERVAL_LEVEL:.0%} seed-bootstrap interval): "
-        + ", ".join(f"{o} {_batch_text(critical[o])}"
+        f"perfect scaling; {INTERVAL_LEVEL:.0%} bootstrap interval over the "
+        "whole pipeline): "
+        + ", ".join(f"{o} {critical_text(critical[o])}"
                     for o in ("lamb",) + PAPER_BASELINES)
         + "; LAMB's is " + ("" if wins["critical_batch"] else "not ")
         + "above both with a disjoint interval.")
   if not gate["passed"]:
-    verdict = "untestable"
-    reasons.append("the task fails the learnability gate: it says nothing "
-                   "about the optimizers.")
+    verdict = "uninformative"
+    reasons.append(f"the task does not beat {baseline_label} by "
+                   f"{GATE_FACTOR} tau floors: it says nothing about the "
+                   "optimizers, and the overall verdict leaves it out.")
   elif missing:
     verdict = "untestable"
     reasons.append(f"the claim needs {', '.join(missing)} in the study.")
@@ -394,40 +448,49 @@ def task_verdict(summary: dict[str, Any]) -> dict[str, Any]:
           "reasons": reasons}
 
 
-def _batch_text(critical: dict[str, Any]) -> str:
-  """``128 [64, 256]`` (``none`` for 0: the base batch is censored)."""
-  def text(b):
-    return "none" if b == 0 else str(b)
+def bound_text(batch: int, bound: Optional[str]) -> str:
+  """``128``, ``<= 16`` (at the grid's smallest batch), ``>= 512`` (at its
+  largest) or ``none`` (0: the base batch never reaches the target)."""
+  if batch == 0:
+    return "none"
+  return {"upper": "<= ", "lower": ">= ", None: ""}[bound] + str(batch)
+
+
+def critical_text(critical: dict[str, Any]) -> str:
+  """``128 [64, 256]``, ``<= 16 [<= 16, 32]``: a value at a grid edge is a
+  bound, never printed as a measurement."""
   low, high = critical["interval"]
-  return f"{text(critical['batch'])} [{text(low)}, {text(high)}]"
+  lb, hb = critical["interval_bounds"]
+  return (f"{bound_text(critical['batch'], critical['bound'])} "
+          f"[{bound_text(low, lb)}, {bound_text(high, hb)}]")
 
 
 def nado_reading(summary: dict[str, Any]) -> dict[str, dict[str, str]]:
   """Nado et al.'s check: every other optimizer against LAMB, tuned.
 
-  ``{optimizer: {"final": "beats" | "matches" | "loses to",
+  ``{optimizer: {"final": "beats" | "matches" | "loses to", "batch": B,
   "critical_batch": "above" | "overlaps" | "below"}}``: the final metric at
-  the largest batch, by tau, and the critical batch's interval against
-  LAMB's.
+  the largest batch both trained, by tau, and the critical batch's interval
+  against LAMB's.
   """
-  top = summary["batches"][-1]
   higher = summary["higher_is_better"]
   floor = summary["tolerance_floor"]
   tuned = summary["cells"]["tuned"]
   critical = summary["critical"]
   if "lamb" not in tuned:
     return {}
-  lamb = tuned["lamb"][top]
   out = {}
   for opt, cells in tuned.items():
     if opt == "lamb":
       continue
+    top = max(set(cells) & set(tuned["lamb"]))
+    lamb = tuned["lamb"][top]
     other = cells[top]
     tau = tolerance(lamb["se"], other["se"], floor)
     gap = degradation(lamb["mean"], other["mean"], higher)  # > 0: other worse
     out[opt] = {
         "final": ("loses to" if gap > tau else
-                  "beats" if gap < -tau else "matches"),
+                  "beats" if gap < -tau else "matches"), "batch": top,
         "critical_batch": interval_order(critical[opt]["interval"],
                                          critical["lamb"]["interval"])}
   return out
@@ -436,15 +499,81 @@ def nado_reading(summary: dict[str, Any]) -> dict[str, dict[str, str]]:
 def nado_text(reading: dict[str, dict[str, str]]) -> str:
   """One line: ``adamw matches LAMB (critical batch overlaps); ...``."""
   return "; ".join(
-      f"{o} {r['final']} LAMB at the largest batch, critical batch "
+      f"{o} {r['final']} LAMB at batch {r.get('batch', 'the largest')}, "
+      "critical batch "
       f"{r['critical_batch']} LAMB's" for o, r in reading.items())
 
 
 def overall_verdict(verdicts: dict[str, str]) -> str:
-  """Across tasks: the common verdict of the testable tasks, else "mixed"."""
-  testable = {v for v in verdicts.values() if v != "untestable"}
+  """Across tasks: the common verdict of the tasks that test the claim (not
+  ``untestable``, not ``uninformative``), else ``"mixed"``."""
+  testable = {v for v in verdicts.values()
+              if v not in ("untestable", "uninformative")}
   if not testable:
     return "untestable"
   if len(testable) == 1:
     return testable.pop()
   return "mixed"
+
+
+def verdict_basis(verdicts: dict[str, str]) -> str:
+  """What the overall verdict rests on, in one sentence."""
+  used = [t for t, v in verdicts.items()
+          if v not in ("untestable", "uninformative")]
+  left = [f"{t} ({v})" for t, v in verdicts.items() if t not in used]
+  text = ("rests on " + " and ".join(used) if used
+          else "rests on no task")
+  if left:
+    text += "; left out: " + ", ".join(left)
+  return text + "."
+
+
+# The gradient noise scale beside the critical batch (README.md, "Gradient
+# noise scale"): B_simple "predicts" an optimizer's critical batch when it
+# lies within this factor of the critical batch's interval (one grid step
+# of 2 each side; an end at a grid edge is open).
+NOISE_AGREEMENT_FACTOR = 2.0
+
+
+def log_interpolate(steps: Sequence[float], values: Sequence[float],
+                    step: float) -> float:
+  """``values`` at ``step``, linear in log(value) between the two
+  checkpoints around it (the nearest one outside their range).
+
+  A value that is not finite and positive (B_simple is inf where the sample
+  cannot resolve |G|) is not interpolated: the neighbour that is finite is
+  taken, inf when neither is.
+  """
+  def ok(v):
+    return math.isfinite(v) and v > 0
+  if step <= steps[0]:
+    return values[0]
+  if step >= steps[-1]:
+    return values[-1]
+  k = next(i for i, s in enumerate(steps) if s >= step)
+  a, b = values[k - 1], values[k]
+  if ok(a) and ok(b):
+    t = (step - steps[k - 1]) / (steps[k] - steps[k - 1])
+    return math.exp(math.log(a) + t * (math.log(b) - math.log(a)))
+  if ok(a) or ok(b):
+    return a if ok(a) else b
+  return math.inf
+
+
+def noise_agreement(b_simple: Optional[float],
+                    critical: dict[str, Any]) -> Optional[bool]:
+  """Whether B_simple lies within ``NOISE_AGREEMENT_FACTOR`` of the
+  critical batch's interval (None when either is unmeasured, or when the
+  interval runs from the smallest batch to the largest: it excludes no
+  value)."""
+  if b_simple is None or critical["batch"] == 0 or not math.isfinite(
+      b_simple):
+    return None
+  (low, high), (low_bound, high_bound) = (critical["interval"],
+                                          critical["interval_bounds"])
+  if low_bound == "upper" and high_bound == "lower":
+    return None  # The interval spans every batch: nothing to agree with.
+  above_low = low_bound == "upper" or b_simple >= low / NOISE_AGREEMENT_FACTOR
+  below_high = (high_bound == "lower"
+                or b_simple <= high * NOISE_AGREEMENT_FACTOR)
+  return above_low and below_high

@@ -61,9 +61,10 @@ def pilot(config, task_name: str, num_rates: int, workdir: str) -> dict:
       section.decay_power)
   seed = config.selection_seeds[0]
   metric, higher = task.metric, task.higher_is_better
-  baseline = task.baseline[metric]
-  out = {"task": task.description, "baseline": task.baseline,
-         "baseline_name": task.baseline_name, "batch": base,
+  strongest = tasks_lib.strongest_baseline(task.baselines, metric, higher)
+  baseline = task.baselines[strongest][metric]
+  out = {"task": task.description, "baselines": task.baselines,
+         "baseline_name": strongest, "batch": base,
          "steps": schedule.total_steps, "seed": seed, "optimizers": {}}
   for opt in config.optimizers:
     rates = analysis.lr_grid(section.initial_learning_rates[opt], num_rates,
@@ -95,7 +96,7 @@ def pilot(config, task_name: str, num_rates: int, workdir: str) -> dict:
       out["optimizers"], key=lambda o: out["optimizers"][o]["best"])
   out["best_optimizer"] = best_opt
   out["margin"] = out["optimizers"][best_opt]["margin"]
-  print(f"baseline ({task.baseline_name}): {metric} {baseline:.4f}; best "
+  print(f"baseline ({out['baseline_name']}): {metric} {baseline:.4f}; best "
         f"{best_opt} {out['optimizers'][best_opt]['best']:.4f}, margin "
         f"{out['margin']:.4f}", flush=True)
   return out

@@ -1,18 +1,24 @@
 """The batch-scaling study: ``run_study(config, workdir)``.
 
-For every task, batch size and optimizer (a *cell*, base batch first), in the
-order of README.md's protocol:
+For every task, batch size and optimizer (a *cell*, base batch first; each
+optimizer up to its ``max_batch``), in the order of README.md's protocol:
 
 1. *Grid*: ``num_learning_rates`` peak rates ``lr_factor`` apart, centred on
-   the base batch's best rate times ``sqrt(B / B0)`` (on
-   ``initial_learning_rates`` at the base batch), each on every selection
-   seed; in the same jitted call, the centre rate on the report seeds (above
-   the base batch, that is the *transfer* arm: the square-root rate,
-   untuned).
-2. *Edge extension*: while the best mean is at an edge of the grid, one
-   more rate beyond it (at most ``max_extensions``; counted and reported).
-3. *Report*: the chosen rate on the report seeds (fresh). When the chosen
-   rate is the centre, those runs were trained in step 1 and are reused.
+   ``initial_learning_rates`` at the base batch and, above it, on the base
+   batch's rate chosen for steps to the target times ``sqrt(B / B0)`` (the
+   *transfer* arm: that rate, untuned). Every rate trains on every seed,
+   selection and report alike. At the base batch, the gradient noise scale
+   is measured along every run (:mod:`noise_scale`).
+2. *Choice*: two rates per cell, both on the selection seeds: the fewest
+   median steps to the task's fixed ``target`` (the critical batch's), and
+   the best mean final metric (the final-metric tables').
+3. *Edge extension*: while either choice is at an edge of the grid, one
+   more rate beyond it, on every seed (at most ``max_extensions``; counted
+   and reported).
+
+The report seeds' runs at the chosen rates are the results; the bootstrap
+(:func:`analysis.bootstrap_critical_batch`) redoes the choice in every
+resample of both seed sets.
 
 The cells of one task and optimizer form a chain (each needs its base
 cell); chains run on ``num_workers`` processes. Each finished cell is written
@@ -36,11 +42,13 @@ import sys
 import time
 from typing import Any, Optional
 
+import jax
 import ml_collections
 
 import lamb_optax
 
 import analysis
+import noise_scale
 import plots
 import report
 import tasks as tasks_lib
@@ -89,6 +97,38 @@ def _check_seeds(field: str, values: Any, minimum: int) -> list[int]:
   return values
 
 
+_TUNING_FIELDS = ("selection_seeds", "report_seeds", "num_learning_rates")
+
+
+def _check_tuning(section, prefix: str) -> None:
+  """The seeds and the grid size: global (``prefix`` empty, required) or a
+  task's override (``prefix`` ``"<task>."``; None there: the global
+  value)."""
+  for field, check in (
+      ("selection_seeds", lambda f, v: _check_seeds(f, v, 2)),
+      ("report_seeds", lambda f, v: _check_seeds(f, v, 2)),
+      ("num_learning_rates", _check_positive_int)):
+    value = section.get(field)
+    if value is not None or not prefix:
+      check(f"{prefix}{field}", value)
+
+
+def task_tuning(config, task_name: str) -> tuple[list[int], list[int], int]:
+  """A task's selection seeds, report seeds and grid size: its own
+  (``config.<task>.selection_seeds`` ...) where set, else the global ones."""
+  section = config[task_name]
+
+  def pick(field):
+    value = section.get(field)
+    return config[field] if value is None else value
+  selection, report_seeds = (list(pick("selection_seeds")),
+                             list(pick("report_seeds")))
+  if set(selection) & set(report_seeds):
+    _fail(f"{task_name}.report_seeds", "must be fresh: disjoint from the "
+          f"selection seeds {selection}, got {report_seeds}.")
+  return selection, report_seeds, pick("num_learning_rates")
+
+
 def _schedules(config, name: str) -> list[trials_lib.Schedule]:
   section = config[name]
   return [trials_lib.make_schedule(b, section.budget_examples,
@@ -102,18 +142,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   _check_names("tasks", config.tasks, tasks_lib.TASKS)
   optimizers = _check_names("optimizers", config.optimizers,
                             trials_lib.OPTIMIZERS)
-  selection = _check_seeds("selection_seeds", config.selection_seeds, 2)
-  report_seeds = _check_seeds("report_seeds", config.report_seeds, 2)
-  if set(selection) & set(report_seeds):
-    _fail("report_seeds", "must be fresh: disjoint from selection_seeds, "
-          f"but both hold {sorted(set(selection) & set(report_seeds))}.")
-  _check_positive_int("num_learning_rates", config.num_learning_rates)
+  _check_tuning(config, "")
+  for name in config.tasks:
+    _check_tuning(config[name], f"{name}.")
+    task_tuning(config, name)  # The report seeds must be fresh.
   if not config.lr_factor > 1:
     _fail("lr_factor", f"must be > 1, got {config.lr_factor!r}.")
   _check_positive_int("max_extensions", config.max_extensions, 0)
   _check_positive_int("num_evals", config.num_evals)
   _check_positive_int("min_steps", config.min_steps)
   _check_positive_int("num_workers", config.num_workers)
+  _check_positive_int("noise_every", config.noise_every)
+  _check_positive_int("noise_seed", config.noise_seed, 0)
   if not 0 < config.max_warmup_fraction <= 1:
     _fail("max_warmup_fraction", "must be in (0, 1], got "
           f"{config.max_warmup_fraction!r}.")
@@ -148,9 +188,18 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       if lr is None or not lr > 0:
         _fail(f"{name}.initial_learning_rates.{opt}",
               f"must be > 0, got {lr!r}.")
-    if not 0 < section.target_fraction <= 1:
-      _fail(f"{name}.target_fraction", "must be in (0, 1], got "
-            f"{section.target_fraction!r}.")
+    target = section.get("target")
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or (
+        not math.isfinite(target)):
+      _fail(f"{name}.target", "must be a finite number (the fixed "
+            f"steps-to-target target, in {name}'s metric), got {target!r}.")
+    for opt in optimizers:
+      top = section.max_batch.get(opt)
+      if top is not None and top not in batches[1:]:
+        _fail(f"{name}.max_batch.{opt}", "must be one of the batch sizes "
+              f"above the base, {tuple(batches[1:])!r}, or absent (every "
+              f"batch), got {top!r}.")
+    _check_positive_int(f"{name}.noise_examples", section.noise_examples, 0)
     try:
       schedules = _schedules(config, name)
     except ValueError as e:
@@ -247,98 +296,107 @@ def load_cell(workdir: str, name: str) -> Optional[dict[str, Any]]:
     return json.load(f)
 
 
-def _rows(task, optimizer, schedule, pairs, role, results):
+def _rows(task, optimizer, schedule, pairs, selection, results, target):
   rows = []
   for (lr, seed), result in zip(pairs, results):
     row = {"task": task.name, "optimizer": optimizer,
            "batch": schedule.batch_size, "lr": lr, "seed": seed,
-           "role": role, "steps": schedule.total_steps,
+           "role": "select" if seed in selection else "report",
+           "steps": schedule.total_steps,
            "warmup_steps": schedule.warmup_steps,
            "examples": schedule.total_steps * schedule.batch_size,
            "diverged": result["diverged"], "curve": result["curve"],
-           "final": trials_lib.final_metrics(task, result)}
-    if "trust_ratios" in result and role != "select":
+           "final": trials_lib.final_metrics(task, result),
+           "steps_to_target": analysis.steps_to_target(
+               result["curve"], task.metric, target, task.higher_is_better)}
+    if "trust_ratios" in result and row["role"] == "report":
       row["trust_ratios"] = result["trust_ratios"]
+    if "probe" in result:
+      row["noise"] = result["probe"]
     rows.append(row)
   return rows
 
 
-def run_cell(task, optimizer: str, batch: int, config,
-             center: float) -> dict[str, Any]:
-  """Grid (+ centre on the report seeds), edge extensions, report: one cell.
+def _choices(rows, metric: str, higher: bool) -> dict[str, Any]:
+  """The rate each selection rule chooses from the selection rows."""
+  select = [r for r in rows if r["role"] == "select"]
+  means = analysis.mean_by_lr(select, metric)
+  steps, finals = {}, {}
+  for r in select:
+    steps.setdefault(r["lr"], []).append(r["steps_to_target"])
+    finals.setdefault(r["lr"], []).append(r["final"][metric])
+  return {"final": analysis.select(means, higher),
+          "steps": analysis.select_for_steps(steps, finals, higher),
+          "means": means,
+          "median_steps": {lr: analysis.median_steps(v)
+                           for lr, v in steps.items()}}
 
+
+def run_cell(task, optimizer: str, batch: int, config, center: float,
+             probe=None) -> dict[str, Any]:
+  """Grid on every seed, edge extensions: one cell.
+
+  Every seed, selection and report alike, trains every rate, so that the
+  bootstrap can redo the choice of the rate (README.md, "Protocol").
   ``center`` is the grid's centre: ``initial_learning_rates`` at the base
-  batch, else the base batch's chosen rate times ``sqrt(B / B0)``.
+  batch, else the base batch's rate chosen for steps to the target times
+  ``sqrt(B / B0)`` (the transfer arm). ``probe``: measured along the runs
+  (the base batch's gradient noise scale), see :func:`trials.run_trials`.
   """
   section = config[task.name]
   base_batch = section.batch_sizes[0]
   schedule = trials_lib.make_schedule(
       batch, section.budget_examples, section.warmup_steps, config.num_evals,
       section.decay_power)
-  selection, report_seeds = (list(config.selection_seeds),
-                             list(config.report_seeds))
-  grid = analysis.lr_grid(center, config.num_learning_rates,
-                          config.lr_factor)
+  selection, report_seeds, num_rates = task_tuning(config, task.name)
+  seeds = selection + report_seeds
+  grid = analysis.lr_grid(center, num_rates, config.lr_factor)
   cache: dict = {}
   pads = _pads(config, task.name)
-  # Extensions and the report share one compiled shape: `small` trials
-  # (the shorter list is padded with copies of its last trial, discarded).
-  small = max(len(selection), len(report_seeds))
   b2 = trials_lib.beta2_at(config.optimizer.b2, batch, base_batch,
                            config.optimizer.beta2_rule)
+  extra = {} if probe is None else {"probe": probe,
+                                    "probe_every": config.noise_every}
   num_runs = 0
 
-  def run(pairs, pad_to):
+  def run(lrs):
     nonlocal num_runs
+    pairs = [(lr, s) for lr in lrs for s in seeds]
     num_runs += len(pairs)
-    padded = pairs + [pairs[-1]] * (pad_to - len(pairs))
-    return trials_lib.run_trials(
+    results = trials_lib.run_trials(
         task, optimizer, config.optimizer, schedule,
-        [lr for lr, _ in padded], [s for _, s in padded], True, cache,
-        micro_batch=base_batch, b2=b2, **pads)[:len(pairs)]
+        [lr for lr, _ in pairs], [s for _, s in pairs], True, cache,
+        micro_batch=base_batch, b2=b2, **pads, **extra)
+    return _rows(task, optimizer, schedule, pairs, selection, results,
+                 section.target)
 
-  # Above the base batch the centre is the transfer arm; at the base batch
-  # it is the likeliest choice, trained now to save a report call.
-  center_role = "transfer" if batch != base_batch else "center"
-  first = ([(lr, s) for lr in grid for s in selection]
-           + [(center, s) for s in report_seeds])
-  results = run(first, len(first))
-  n_select = len(grid) * len(selection)
-  rows = _rows(task, optimizer, schedule, first[:n_select], "select",
-               results[:n_select])
-  center_rows = _rows(task, optimizer, schedule, first[n_select:],
-                      center_role, results[n_select:])
-  rows += center_rows
+  rows = run(grid)
   lrs = list(grid)
   extensions = 0
   while True:
-    means = analysis.mean_by_lr(
-        [r for r in rows if r["role"] == "select"], task.metric)
-    best = analysis.select(means, task.higher_is_better)
-    new_lr = analysis.edge_extension(lrs, best, config.lr_factor)
+    choice = _choices(rows, task.metric, task.higher_is_better)
+    # The rule for steps first, then the one for the final metric.
+    new_lr = (analysis.edge_extension(lrs, choice["steps"], config.lr_factor)
+              or analysis.edge_extension(lrs, choice["final"],
+                                         config.lr_factor))
     if new_lr is None or extensions >= config.max_extensions:
       break
     extensions += 1
     lrs.append(new_lr)
-    pairs = [(new_lr, s) for s in selection]
-    rows += _rows(task, optimizer, schedule, pairs, "select",
-                  run(pairs, small))
-  if best == center:
-    rows += [{**r, "role": "report", "reused": True} for r in center_rows]
-  else:
-    pairs = [(best, s) for s in report_seeds]
-    rows += _rows(task, optimizer, schedule, pairs, "report",
-                  run(pairs, small))
+    rows += run([new_lr])
   return {
       "task": task.name, "optimizer": optimizer, "batch": batch,
       "metric": task.metric, "higher_is_better": task.higher_is_better,
-      "tolerance_floor": task.tolerance_floor,
-      "baseline": task.baseline, "baseline_name": task.baseline_name,
+      "tolerance_floor": task.tolerance_floor, "baselines": task.baselines,
+      "target": section.target,
       "grid": grid, "learning_rates": sorted(lrs), "extensions": extensions,
-      "edge_unresolved": new_lr is not None, "chosen_lr": best,
-      "center_lr": center,
+      "edge_unresolved": new_lr is not None, "chosen_lr": choice["final"],
+      "chosen_lr_steps": choice["steps"], "center_lr": center,
       "b2": b2 if optimizer in trials_lib.BETA2_OPTIMIZERS else None,
-      "selection_means": {repr(lr): m for lr, m in sorted(means.items())},
+      "selection_means": {repr(lr): m
+                          for lr, m in sorted(choice["means"].items())},
+      "selection_median_steps": {
+          repr(lr): m for lr, m in sorted(choice["median_steps"].items())},
       "num_runs": num_runs, "steps": schedule.total_steps,
       "eval_every": schedule.eval_every, "rows": rows,
   }
@@ -351,10 +409,19 @@ def _pads(config, task_name: str) -> dict[str, int]:
           "pad_examples": max(s.eval_every * s.batch_size for s in schedules)}
 
 
+def optimizer_batches(config, task_name: str, optimizer: str) -> list[int]:
+  """The batch sizes ``optimizer`` trains on a task: those up to its
+  ``max_batch`` (the rest are the cells that measure nothing: README.md)."""
+  section = config[task_name]
+  top = section.max_batch.get(optimizer) or section.batch_sizes[-1]
+  return [b for b in section.batch_sizes if b <= top]
+
+
 def _plan(config) -> list[tuple[str, str, int]]:
   """Cells in run order: per task, batch ascending (base first), optimizer."""
   return [(t, o, b) for t in config.tasks for b in config[t].batch_sizes
-          for o in config.optimizers]
+          for o in config.optimizers
+          if b in optimizer_batches(config, t, o)]
 
 
 def cpu_seconds(children: bool = False) -> float:
@@ -456,6 +523,19 @@ def _chains(config, todo) -> list[list[tuple[str, str, int]]]:
   return [chains[k] for k in sorted(chains, key=cost_rank)]
 
 
+def noise_probe(task, num_examples: int, seed: int):
+  """``(stacked params, data) -> {trace_sigma, grad_sq, b_simple}`` per
+  trial, on a fixed held-in sample (:func:`noise_scale.make_noise_probe`;
+  mnist1d's sample is drawn without replacement from its training set, so
+  its finite size enters :func:`noise_scale.b_simple`)."""
+  _, probe_fn = noise_scale.make_noise_probe(task, num_examples, seed)
+  population = task.num_train_examples if task.name == "mnist1d" else None
+
+  def one(params, data):
+    return noise_scale.b_simple(probe_fn(params, data), population)
+  return jax.jit(jax.vmap(one, in_axes=(0, None)))
+
+
 def _train_chain(config, workdir: str, chain, built=None) -> list[str]:
   """Trains a chain's cells in order; returns their names."""
   built = {} if built is None else built
@@ -466,15 +546,21 @@ def _train_chain(config, workdir: str, chain, built=None) -> list[str]:
                                              workdir)
     section = config[task_name]
     base_batch = section.batch_sizes[0]
+    probe = None
     if batch == base_batch:
       center = section.initial_learning_rates[optimizer]
+      if section.noise_examples:
+        probe = noise_probe(built[task_name], section.noise_examples,
+                            config.noise_seed)
     else:
       base = load_cell(workdir, cell_name(task_name, optimizer, base_batch))
       center = lamb_optax.schedules.sqrt_scaled(
-          base["chosen_lr"], base_batch_size=base_batch, batch_size=batch)
+          base["chosen_lr_steps"], base_batch_size=base_batch,
+          batch_size=batch)
     name = cell_name(task_name, optimizer, batch)
     tic, tic_cpu = time.time(), cpu_seconds()
-    cell = run_cell(built[task_name], optimizer, batch, config, center)
+    cell = run_cell(built[task_name], optimizer, batch, config, center,
+                    probe)
     cell["seconds"] = round(time.time() - tic, 1)
     cell["cpu_seconds"] = round(cpu_seconds() - tic_cpu, 1)
     _write_json(_cell_path(workdir, name), cell)
@@ -570,95 +656,155 @@ def _progress(config, total: int, initial: int):
 # Aggregation and outputs.
 
 
-def _value_at(row: dict[str, Any], metric: str, index: int) -> float:
-  """The row's held-out metric at evaluation ``index`` (its diverged score
-  when not finite)."""
-  value = row["curve"][metric][index]
-  return value if math.isfinite(value) else row["final"][metric]
+def _arm(rows, metric: str, lr: float, report_seeds) -> dict[str, Any]:
+  """The report seeds' final metric and steps to the target at ``lr``."""
+  rows = sorted((r for r in rows if r["role"] == "report" and r["lr"] == lr),
+                key=lambda r: report_seeds.index(r["seed"]))
+  values = [r["final"][metric] for r in rows]
+  mean, se = analysis.mean_se(values)
+  steps = [r["steps_to_target"] for r in rows]
+  return {"mean": mean, "se": se, "values": values, "lr": lr,
+          "diverged": sum(r["diverged"] for r in rows),
+          "steps_to_target": steps,
+          "median_steps_to_target": analysis.median_steps(steps)}
+
+
+def _by_seed(rows, role: str, seeds, value) -> dict[float, list]:
+  """``{lr: [value(row) for each seed of ``seeds``, in order]}``."""
+  out: dict[float, dict] = {}
+  for r in rows:
+    if r["role"] == role:
+      out.setdefault(r["lr"], {})[r["seed"]] = value(r)
+  return {lr: [v[s] for s in seeds] for lr, v in sorted(out.items())}
+
+
+def _noise(cell, critical, report_seeds, target_steps_of) -> dict[str, Any]:
+  """B_simple along the base-batch runs at the rate chosen for steps.
+
+  Per report seed: at every checkpoint and, interpolated in log between the
+  two checkpoints around it, at the step where the run crosses the target;
+  medians over the seeds.
+  """
+  lr = cell["chosen_lr_steps"]
+  rows = sorted((r for r in cell["rows"] if r["role"] == "report"
+                 and r["lr"] == lr and "noise" in r),
+                key=lambda r: report_seeds.index(r["seed"]))
+  if not rows:
+    return {}
+  steps = rows[0]["noise"]["step"]
+  at_target = []
+  for r in rows:
+    crossing = target_steps_of(r)
+    at_target.append(None if crossing is None else analysis.log_interpolate(
+        steps, r["noise"]["b_simple"], crossing))
+  finite = [v for v in at_target if v is not None]
+  median = statistics.median(finite) if len(finite) * 2 > len(rows) else None
+
+  def median_at(name, source):
+    return [statistics.median(source(r, name)[i] for r in rows)
+            for i in range(len(steps))]
+
+  def curve_at(r, name):
+    index = {s: i for i, s in enumerate(r["curve"]["step"])}
+    return [r["curve"][name][index[s]] for s in steps]
+
+  curve = {"step": steps,
+           "b_simple": median_at("b_simple", lambda r, n: r["noise"][n]),
+           "trace_sigma": median_at("trace_sigma",
+                                    lambda r, n: r["noise"][n]),
+           "grad_sq": median_at("grad_sq", lambda r, n: r["noise"][n]),
+           "loss": median_at("loss", curve_at),
+           cell["metric"]: median_at(cell["metric"], curve_at)}
+  return {"lr": lr, "at_target": median, "at_target_by_seed": at_target,
+          "crossing_steps": [target_steps_of(r) for r in rows],
+          "critical": critical["batch"],
+          "ratio": (critical["batch"] / median
+                    if median and critical["batch"] else None),
+          "agrees": analysis.noise_agreement(median, critical),
+          "curve": curve}
 
 
 def summarize(config, cells: list[dict[str, Any]]) -> dict[str, Any]:
-  """Per task: cell statistics, gate, target, critical batches, verdict."""
+  """Per task: cell statistics, gate, critical batches, noise scale, verdict."""
   out = {"tasks": {}}
-  report_seeds = list(config.report_seeds)
   for task_name in config.tasks:
     section = config[task_name]
+    selection, report_seeds, _ = task_tuning(config, task_name)
     task_cells = [c for c in cells if c["task"] == task_name]
     first = task_cells[0]
     metric, higher = first["metric"], first["higher_is_better"]
     floor = first["tolerance_floor"]
     batches = list(section.batch_sizes)
     base = batches[0]
-    stats = {"tuned": {}, "transfer": {}}
+    stats = {"tuned": {}, "transfer": {}, "steps": {}}
     info = {}
-    by_role = {}
+    boot = {}
     for c in task_cells:
-      opt, batch = c["optimizer"], c["batch"]
-      rows = {role: sorted((r for r in c["rows"] if r["role"] == role),
-                           key=lambda r: report_seeds.index(r["seed"]))
-              for role in ("report", "transfer")}
-      rows["transfer"] = rows["transfer"] if batch != base else rows["report"]
-      by_role[opt, batch] = rows
-      for arm, role in (("tuned", "report"), ("transfer", "transfer")):
-        values = [r["final"][metric] for r in rows[role]]
-        mean, se = analysis.mean_se(values)
-        stats[arm].setdefault(opt, {})[batch] = {
-            "mean": mean, "se": se, "values": values,
-            "lr": rows[role][0]["lr"],
-            "diverged": sum(r["diverged"] for r in rows[role])}
+      opt, batch, rows = c["optimizer"], c["batch"], c["rows"]
+      stats["tuned"].setdefault(opt, {})[batch] = _arm(
+          rows, metric, c["chosen_lr"], report_seeds)
+      # The transfer arm: the base batch's rate for steps there, its
+      # square-root scaling (the grid's centre) above.
+      stats["transfer"].setdefault(opt, {})[batch] = _arm(
+          rows, metric, c["chosen_lr_steps"] if batch == base
+          else c["center_lr"], report_seeds)
+      stats["steps"].setdefault(opt, {})[batch] = _arm(
+          rows, metric, c["chosen_lr_steps"], report_seeds)
+      boot.setdefault(opt, {})[batch] = {
+          "select_steps": _by_seed(rows, "select", selection,
+                                   lambda r: r["steps_to_target"]),
+          "select_final": _by_seed(rows, "select", selection,
+                                   lambda r: r["final"][metric]),
+          "report_steps": _by_seed(rows, "report", report_seeds,
+                                   lambda r: r["steps_to_target"])}
       info.setdefault(opt, {})[batch] = {
           "extensions": c["extensions"],
           "edge_unresolved": c["edge_unresolved"],
           "num_runs": c["num_runs"], "steps": c["steps"],
-          "grid_trials": len(c["grid"]) * len(config.selection_seeds),
-          "selection_means": c["selection_means"]}
+          "grid_trials": len(c["grid"]) * (len(selection)
+                                           + len(report_seeds)),
+          "selection_means": c["selection_means"],
+          "selection_median_steps": c["selection_median_steps"]}
     optimizers = list(stats["tuned"])
+    batches_of = {o: sorted(stats["tuned"][o]) for o in optimizers}
     # The learnability gate: the best tuned base-batch mean against the
-    # task's trivial baseline.
+    # task's strongest trivial baseline.
     base_means = {o: stats["tuned"][o][base]["mean"] for o in optimizers}
     best_opt = max(optimizers, key=lambda o: base_means[o] if higher
                    else -base_means[o])
+    baselines = first["baselines"]
+    strongest = tasks_lib.strongest_baseline(baselines, metric, higher)
     gate = analysis.learnability_gate(
-        first["baseline"][metric], base_means[best_opt], floor, higher)
-    # The target: the worst optimizer's tuned base-batch median at the
-    # evaluation nearest target_fraction of the budget.
-    index = analysis.target_eval_index(config.num_evals,
-                                       section.target_fraction)
-    target = analysis.mid_budget_target(
-        {o: statistics.median(_value_at(r, metric, index)
-                              for r in by_role[o, base]["report"])
-         for o in optimizers}, higher)
-    for c in task_cells:
-      for row in c["rows"]:
-        row["steps_to_target"] = analysis.steps_to_target(
-            row["curve"], metric, target, higher)
-    for (opt, batch), rows in by_role.items():
-      for arm, role in (("tuned", "report"), ("transfer", "transfer")):
-        steps = [r["steps_to_target"] for r in rows[role]]
-        stats[arm][opt][batch]["steps_to_target"] = steps
-        stats[arm][opt][batch]["median_steps_to_target"] = (
-            analysis.median_steps(steps))
-    critical = {}
+        baselines[strongest][metric], base_means[best_opt], floor, higher)
+    gate["baseline_name"] = strongest
+    gate["baseline_label"] = f"the {strongest} baseline"
+    critical, noise = {}, {}
     for opt in optimizers:
-      tuned = stats["tuned"][opt]
       critical[opt] = analysis.bootstrap_critical_batch(
-          batches, {b: tuned[b]["steps_to_target"] for b in batches})
-      for b in batches:
-        tuned[b]["scaling_overhead"] = analysis.scaling_overhead(
-            tuned[b]["median_steps_to_target"],
-            tuned[base]["median_steps_to_target"], b, base)
-    steps = {b: info[optimizers[0]][b]["steps"] for b in batches}
+          batches_of[opt], boot[opt], higher)
+      arm = stats["steps"][opt]
+      for b in batches_of[opt]:
+        arm[b]["scaling_overhead"] = analysis.scaling_overhead(
+            arm[b]["median_steps_to_target"],
+            arm[base]["median_steps_to_target"], b, base)
+      base_cell = next(c for c in task_cells
+                       if c["optimizer"] == opt and c["batch"] == base)
+      noise[opt] = _noise(base_cell, critical[opt], report_seeds,
+                          lambda r: r["steps_to_target"])
+    steps = {b: _steps(config, task_name, b) for b in batches}
     b2 = {c["batch"]: c["b2"] for c in task_cells if c["b2"] is not None}
     summary = {
+        "selection_seeds": selection, "report_seeds": report_seeds,
         "metric": metric, "higher_is_better": higher,
         "tolerance_floor": floor, "batches": batches, "steps": steps,
-        "baseline": gate["baseline"], "baseline_name": first["baseline_name"],
-        "baselines": first["baseline"],
+        "optimizer_batches": batches_of,
+        "baselines": baselines, "baseline": gate["baseline"],
+        "baseline_name": strongest,
         "best_base": {"optimizer": best_opt, "value": gate["best"]},
         "margin": gate["margin"], "gate": gate,
-        "target": target, "target_fraction": section.target_fraction,
-        "target_step_at_base": (index + 1) * (steps[base] // config.num_evals),
+        "target": section.target,
         "cells": stats, "cell_info": info, "critical": critical,
+        "noise": noise,
         "budget_examples": section.budget_examples,
         "warmup_steps": section.warmup_steps,
         "beta2": {"rule": config.optimizer.beta2_rule,
@@ -666,10 +812,18 @@ def summarize(config, cells: list[dict[str, Any]]) -> dict[str, Any]:
     summary.update(analysis.task_verdict(summary))
     summary["nado"] = analysis.nado_reading(summary)
     out["tasks"][task_name] = summary
-  out["verdict"] = analysis.overall_verdict(
-      {t: s["verdict"] for t, s in out["tasks"].items()})
+  verdicts = {t: s["verdict"] for t, s in out["tasks"].items()}
+  out["verdict"] = analysis.overall_verdict(verdicts)
+  out["verdict_basis"] = analysis.verdict_basis(verdicts)
   out["protocol"] = protocol_fingerprint(config)
   return out
+
+
+def _steps(config, task_name: str, batch: int) -> int:
+  section = config[task_name]
+  return trials_lib.make_schedule(
+      batch, section.budget_examples, section.warmup_steps, config.num_evals,
+      section.decay_power).total_steps
 
 
 def write_outputs(config, workdir: str, cells: list[dict[str, Any]],

@@ -66,9 +66,10 @@ class Task:
     orthogonalised: ``params -> tree of bools``: the 2-D weight matrices of
       hidden layers, which Muon orthogonalises (every other leaf gets its
       AdamW fallback).
-    baseline: The trivial baseline's held-out metrics (``metric`` is the
-      one the learnability gate compares with).
-    baseline_name: What the baseline is, for the results.
+    baselines: The trivial baselines, ``{name: {"description": str,
+      metric: held-out value, ...}}``; the learnability gate compares the
+      best tuned base-batch result with the strongest of them on
+      ``metric``.
     description: One line for logs.
   """
   name: str
@@ -83,8 +84,7 @@ class Task:
   evaluate: Callable[[Any, Any], dict[str, jax.Array]]
   train_inputs: Callable[[int, int, int], Any]
   orthogonalised: Callable[[Any], Any]
-  baseline: dict[str, float]
-  baseline_name: str
+  baselines: dict[str, dict[str, Any]]
   description: str
 
 
@@ -202,9 +202,10 @@ def mnist1d_task(config: ml_collections.ConfigDict) -> Task:
       num_train_examples=num_train, data=data, init=init, loss=loss,
       evaluate=evaluate, train_inputs=train_inputs,
       orthogonalised=orthogonalised,
-      baseline={"accuracy": float(np.mean(y_test == majority))},
-      baseline_name=(f"the majority class of the training signals "
-                     f"({majority})"),
+      baselines={"majority class": {
+          "description": (f"the majority class of the training signals "
+                          f"({majority})"),
+          "accuracy": float(np.mean(y_test == majority))}},
       description=(f"mnist1d: {num_train} training / "
                    f"{data['x_test'].shape[0]} "
                    f"held-out signals; MLP {tuple(config.hidden_sizes)} with "
@@ -298,6 +299,12 @@ def mlm_task(config: ml_collections.ConfigDict, cache_dir: str) -> Task:
   unigram = unigram_cross_entropy(
       train_stream, held_out["masked_ids"], held_out["masked_weights"],
       vocab_size, num_special=len(mlm_pipeline.SPECIAL_TOKENS))
+  bigram = bigram_cross_entropy(
+      train_stream, mlm_pipeline.eval_windows(
+          held_out_stream, seq_length, max_examples=config.eval_examples),
+      held_out["masked_positions"], held_out["masked_ids"],
+      held_out["masked_weights"], vocab_size,
+      num_special=len(mlm_pipeline.SPECIAL_TOKENS))
   targets = np.asarray(held_out["masked_ids"])
   _, constant_accuracy = mlm_pipeline.best_constant(np.bincount(
       targets[np.asarray(held_out["masked_weights"]) > 0]))
@@ -308,15 +315,28 @@ def mlm_task(config: ml_collections.ConfigDict, cache_dir: str) -> Task:
       num_train_examples=num_sequences, data=held_out, init=init, loss=loss,
       evaluate=evaluate, train_inputs=train_inputs,
       orthogonalised=orthogonalised,
-      baseline={"loss": unigram, "accuracy": constant_accuracy},
-      baseline_name=("a unigram model of the training tokens (add-one "
-                     "smoothing, special tokens excluded)"),
+      baselines={
+          "unigram": {
+              "description": ("the training tokens' frequencies (add-one "
+                              "smoothing, special tokens excluded)"),
+              "loss": unigram, "accuracy": constant_accuracy},
+          "bigram": {
+              "description": ("the training tokens' frequencies given the "
+                              "left neighbour (add-one smoothing)"),
+              "loss": bigram}},
       description=(
           f"mlm: {len(train_stream):,} training tokens "
           f"({num_sequences:,} windows of {seq_length}), "
           f"{int(held_out['input_ids'].shape[0])} held-out sequences; BERT "
           f"{config.num_layers}x{config.hidden_size}, vocabulary "
           f"{vocab_size:,}, {num_params:,} parameters"))
+
+
+def strongest_baseline(baselines: dict[str, dict[str, Any]], metric: str,
+                       higher_is_better: bool) -> str:
+  """The name of the baseline with the best ``metric`` (the gate's)."""
+  return max(baselines, key=lambda n: baselines[n][metric]
+             if higher_is_better else -baselines[n][metric])
 
 
 def unigram_cross_entropy(train_stream: np.ndarray, targets: np.ndarray,

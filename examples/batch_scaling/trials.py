@@ -258,7 +258,9 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
                inputs_cache: Optional[dict] = None,
                micro_batch: Optional[int] = None,
                pad_steps: int = 0, pad_examples: int = 0,
-               b2: Optional[float] = None) -> list[dict[str, Any]]:
+               b2: Optional[float] = None,
+               probe: Optional[Callable[[Any, Any], dict[str, Any]]] = None,
+               probe_every: int = 1) -> list[dict[str, Any]]:
   """Trains trial i (``learning_rates[i]``, ``seeds[i]``) for all i at once.
 
   Args:
@@ -281,11 +283,17 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
     b2: The Adam-family beta2 at this batch size (:func:`beta2_at`); None:
       ``hyper.b2``. An argument of the compiled step, so one program serves
       every value.
+    probe: Optional jitted ``(stacked params, data) -> {name: (trials,)
+      array}``, measured on the trials' parameters at the first evaluation
+      and at every ``probe_every``-th one (the gradient noise scale:
+      :mod:`noise_scale`); its values come back under ``"probe"``.
+    probe_every: See ``probe``.
 
   Returns:
     One dict per trial: ``curve`` (``{"step": [...], metric: [...]}`` at
     every evaluation), ``diverged`` and, with ``record_ratios``,
-    ``trust_ratios`` (``{layer: [ratio at each evaluation]}``).
+    ``trust_ratios`` (``{layer: [ratio at each evaluation]}``); with
+    ``probe``, ``probe`` (``{"step": [...], name: [...]}``).
   """
   if len(learning_rates) != len(seeds) or not seeds:
     raise ValueError("run_trials needs one seed per learning rate, got "
@@ -328,7 +336,8 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
 
   curves = [{"step": []} for _ in seeds]
   ratio_curves = [dict() for _ in seeds]
-  for end in schedule.eval_steps:
+  probes = [{"step": []} for _ in seeds]
+  for k, end in enumerate(schedule.eval_steps):
     start = end - interval
 
     def window(x, start=start, end=end):
@@ -342,6 +351,12 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
     scale[:interval] = lr_scale[start:end]
     carry, metrics = chunk(carry, chunk_inputs, peaks, task.data, scale,
                            np.int32(interval), num_micro, b2)
+    if probe is not None and (k == 0 or (k + 1) % probe_every == 0):
+      values = jax.device_get(probe(carry[0], task.data))
+      for i in range(num_trials):
+        probes[i]["step"].append(end)
+        for name, value in values.items():
+          probes[i].setdefault(name, []).append(float(value[i]))
     metrics = jax.device_get(metrics)
     ratios = metrics.pop("trust_ratios", None)
     for i in range(num_trials):
@@ -364,6 +379,8 @@ def run_trials(task, optimizer: str, hyper: ml_collections.ConfigDict,
               "diverged": bool(bad[i] or not final_params_finite[i])}
     if record_ratios:
       result["trust_ratios"] = ratio_curves[i]
+    if probe is not None:
+      result["probe"] = probes[i]
     results.append(result)
   return results
 

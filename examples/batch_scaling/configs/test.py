@@ -27,6 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.mnist1d.batch_sizes = (16, 128)
   config.mnist1d.budget_examples = 1024
   config.mnist1d.warmup_steps = 2
+  config.mnist1d.target = 0.2
+  config.mnist1d.max_batch = {}
+  config.mnist1d.noise_examples = 64
   config.mlm.vocab_size = 256
   config.mlm.seq_length = 16
   config.mlm.eval_examples = 32
@@ -37,5 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.mlm.batch_sizes = (4, 32)
   config.mlm.budget_examples = 256
   config.mlm.warmup_steps = 2
+  config.mlm.max_batch = {}
+  config.mlm.noise_examples = 16
   config.progress_bar = False
   return config
