@@ -577,3 +577,28 @@ def noise_agreement(b_simple: Optional[float],
   below_high = (high_bound == "lower"
                 or b_simple <= high * NOISE_AGREEMENT_FACTOR)
   return above_low and below_high
+
+
+# LAMB's relation between B_simple and the critical batch "differs" from
+# AdamW's when one agrees and the other does not, or when their ratios
+# C / B_simple differ by more than this factor (two grid steps).
+NOISE_RELATION_FACTOR = 4.0
+
+
+def noise_relation(lamb: dict[str, Any], adamw: dict[str, Any]
+                   ) -> dict[str, Any]:
+  """Whether LAMB's B_simple-to-critical-batch relation differs from
+  AdamW's (README.md, "Gradient noise scale").
+
+  ``lamb`` and ``adamw`` are a task summary's ``noise[optimizer]`` entries
+  (``agrees`` and ``ratio`` = C / B_simple at the target crossing).
+  ``differs`` is None when either reading is missing.
+  """
+  ratios = (lamb.get("ratio"), adamw.get("ratio"))
+  agree = (lamb.get("agrees"), adamw.get("agrees"))
+  if None in ratios or None in agree:
+    return {"differs": None, "ratio_of_ratios": None}
+  factor = ratios[0] / ratios[1]
+  differs = (agree[0] != agree[1]
+             or max(factor, 1 / factor) > NOISE_RELATION_FACTOR)
+  return {"differs": differs, "ratio_of_ratios": factor}

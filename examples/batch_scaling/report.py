@@ -237,6 +237,14 @@ def _noise_markdown(task: dict[str, Any], opts: Sequence[str]) -> list[str]:
         + f" | {_number(n['at_target'])} ({step_text}) | "
         + analysis.critical_text(task["critical"][o])
         + f" | {ratio} | {agrees} |")
+  relation = task.get("noise_relation")
+  if relation and relation["differs"] is not None:
+    out += ["", "LAMB's relation between B_simple and its critical batch "
+            + ("differs from" if relation["differs"] else "does not differ "
+               "from")
+            + " AdamW's (their ratios C / B_simple differ by a factor "
+            f"{relation['ratio_of_ratios']:.2g}; the rule: README.md, "
+            "\"Gradient noise scale\")."]
   return out
 
 

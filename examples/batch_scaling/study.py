@@ -809,6 +809,9 @@ def summarize(config, cells: list[dict[str, Any]]) -> dict[str, Any]:
         "warmup_steps": section.warmup_steps,
         "beta2": {"rule": config.optimizer.beta2_rule,
                   "by_batch": {b: b2[b] for b in batches if b in b2}}}
+    if "lamb" in noise and "adamw" in noise:
+      summary["noise_relation"] = analysis.noise_relation(noise["lamb"],
+                                                          noise["adamw"])
     summary.update(analysis.task_verdict(summary))
     summary["nado"] = analysis.nado_reading(summary)
     out["tasks"][task_name] = summary
