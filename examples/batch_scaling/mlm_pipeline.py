@@ -122,25 +122,20 @@ def train_batch(stream: np.ndarray, step: int, batch_size: int,
 def eval_batches(stream: np.ndarray, seq_length: int, vocab_size: int,
                  seed: int, max_examples: Optional[int] = None,
                  mask_rate: float = 0.15) -> dict[str, np.ndarray]:
-  """Consecutive windows of the held-out stream, masked once (fixed seed)."""
-  window = seq_length - 2
-  count = max(1, len(stream) // window)
-  if max_examples is not None:
-    count = min(count, max_examples)
-  padded = np.pad(stream, (0, max(0, count * window - len(stream))))
-  windows = padded[:count * window].reshape(count, window)
+  """Consecutive windows of the held-out stream (:func:`eval_windows`),
+  masked once (fixed seed)."""
   rng = np.random.default_rng((seed, 2**31 - 1, seq_length))
-  return masking.mask_tokens(masking.frame(windows), rng, vocab_size,
-                             mask_rate)
+  return masking.mask_tokens(eval_windows(stream, seq_length, max_examples),
+                             rng, vocab_size, mask_rate)
 
 
 def eval_windows(stream: np.ndarray, seq_length: int,
                  max_examples: Optional[int] = None) -> np.ndarray:
   """The held-out windows of :func:`eval_batches`, framed and unmasked.
 
-  ``(count, seq_length)`` int32: [CLS] + window + [SEP], the same windows
-  in the same order as ``eval_batches`` (with the same ``seq_length`` and
-  ``max_examples``) builds before masking them, so that
+  ``(count, seq_length)`` int32: [CLS] + window + [SEP], the windows that
+  ``eval_batches`` (with the same ``seq_length`` and ``max_examples``)
+  masks, so that
   ``eval_windows(...)[i, masked_positions[i, j]]`` is ``masked_ids[i, j]``
   and the token left of it is the target's original left neighbour (for
   :func:`tasks.bigram_cross_entropy`).
