@@ -602,3 +602,15 @@ def noise_relation(lamb: dict[str, Any], adamw: dict[str, Any]
   differs = (agree[0] != agree[1]
              or max(factor, 1 / factor) > NOISE_RELATION_FACTOR)
   return {"differs": differs, "ratio_of_ratios": factor}
+
+
+def lands_inside(rerun: dict[str, Any], reference: dict[str, Any]) -> bool:
+  """The pre-registered reproducibility check for one optimizer: whether
+  the rerun's critical batch lies inside the reference run's interval.
+
+  Bounds compare as their numbers: the grid is the same in both runs, so a
+  rerun's ``<= 16`` lies inside an interval that starts at ``<= 16``, and
+  outside one that starts at 32.
+  """
+  low, high = reference["interval"]
+  return low <= rerun["batch"] <= high

@@ -125,7 +125,8 @@ def _task_markdown(name: str, task: dict[str, Any], config,
                            steps=lambda b: str(task["steps"][b]))
     out.append("")
   level = f"{analysis.INTERVAL_LEVEL:.0%}"
-  resamples = num_select**num_select * num_report**num_report
+  resamples = min(num_select**num_select * num_report**num_report,
+                  analysis.EXACT_BOOTSTRAP_LIMIT)
   out += [f"**Critical batch** (each batch's rate chosen for the median "
           f"steps to the target on the {num_select} selection seeds; the "
           "largest batch up to which the report seeds' median steps to "

@@ -124,8 +124,13 @@ def task_tuning(config, task_name: str) -> tuple[list[int], list[int], int]:
   selection, report_seeds = (list(pick("selection_seeds")),
                              list(pick("report_seeds")))
   if set(selection) & set(report_seeds):
-    _fail(f"{task_name}.report_seeds", "must be fresh: disjoint from the "
-          f"selection seeds {selection}, got {report_seeds}.")
+    # Blame the field that was set: the task's own, else the global one.
+    field = next((f"{task_name}.{f}" for f in ("report_seeds",
+                                                "selection_seeds")
+                  if section.get(f) is not None), "report_seeds")
+    _fail(field, "must be fresh: the selection seeds "
+          f"{selection} and the report seeds {report_seeds} of "
+          f"{task_name} share {sorted(set(selection) & set(report_seeds))}.")
   return selection, report_seeds, pick("num_learning_rates")
 
 

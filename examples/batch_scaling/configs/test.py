@@ -29,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.mnist1d.warmup_steps = 2
   config.mnist1d.target = 0.2
   config.mnist1d.max_batch = {}
-  config.mnist1d.noise_examples = 64
+  config.mnist1d.noise_examples = 800  # The whole training set.
   config.mlm.vocab_size = 256
   config.mlm.seq_length = 16
   config.mlm.eval_examples = 32
