@@ -286,6 +286,13 @@ def two_batch_estimates(g_small_sq, b_small, g_big_sq, b_big
           "b_simple": _ratio_or_inf(trace_sigma, grad_sq)}
 
 
+def sample_population(task) -> Optional[int]:
+  """The :math:`N` of :func:`b_simple` for a probe's sample of ``task``:
+  ``mnist1d``'s training set (its sample draws distinct signals), None for
+  ``mlm`` (independent windows)."""
+  return task.num_train_examples if task.name == "mnist1d" else None
+
+
 def make_noise_probe(task, num_examples: int, seed: int,
                      chunk: int = DEFAULT_CHUNK
                      ) -> tuple[Any, Callable[[Any, Any], dict]]:
@@ -329,7 +336,8 @@ def make_noise_probe(task, num_examples: int, seed: int,
     ``(examples, probe_fn)``: the sample (device arrays, leading axis
     ``num_examples``) and ``probe_fn(params, data) -> stats``.
   """
-  if task.name == "mnist1d" and num_examples > task.num_train_examples:
+  population = sample_population(task)
+  if population is not None and num_examples > population:
     raise ValueError(
         f"make_noise_probe: {num_examples} examples exceed the "
         f"{task.num_train_examples} mnist1d training signals (the sample "

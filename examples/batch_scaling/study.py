@@ -530,11 +530,10 @@ def _chains(config, todo) -> list[list[tuple[str, str, int]]]:
 
 def noise_probe(task, num_examples: int, seed: int):
   """``(stacked params, data) -> {trace_sigma, grad_sq, b_simple}`` per
-  trial, on a fixed held-in sample (:func:`noise_scale.make_noise_probe`;
-  mnist1d's sample is drawn without replacement from its training set, so
-  its finite size enters :func:`noise_scale.b_simple`)."""
+  trial, on a fixed held-in sample (:func:`noise_scale.make_noise_probe`,
+  with the finite population of :func:`noise_scale.sample_population`)."""
   _, probe_fn = noise_scale.make_noise_probe(task, num_examples, seed)
-  population = task.num_train_examples if task.name == "mnist1d" else None
+  population = noise_scale.sample_population(task)
 
   def one(params, data):
     return noise_scale.b_simple(probe_fn(params, data), population)
@@ -702,8 +701,11 @@ def _noise(cell, critical, report_seeds, target_steps_of) -> dict[str, Any]:
     crossing = target_steps_of(r)
     at_target.append(None if crossing is None else analysis.log_interpolate(
         steps, r["noise"]["b_simple"], crossing))
-  finite = [v for v in at_target if v is not None]
-  median = statistics.median(finite) if len(finite) * 2 > len(rows) else None
+  # The median over the seeds that cross the target (B_simple may be inf
+  # there), when more than half of them do.
+  crossed = [v for v in at_target if v is not None]
+  median = (statistics.median(crossed) if len(crossed) * 2 > len(rows)
+            else None)
 
   def median_at(name, source):
     return [statistics.median(source(r, name)[i] for r in rows)
@@ -796,7 +798,8 @@ def summarize(config, cells: list[dict[str, Any]]) -> dict[str, Any]:
                        if c["optimizer"] == opt and c["batch"] == base)
       noise[opt] = _noise(base_cell, critical[opt], report_seeds,
                           lambda r: r["steps_to_target"])
-    steps = {b: _steps(config, task_name, b) for b in batches}
+    steps = {s.batch_size: s.total_steps
+             for s in _schedules(config, task_name)}
     b2 = {c["batch"]: c["b2"] for c in task_cells if c["b2"] is not None}
     summary = {
         "selection_seeds": selection, "report_seeds": report_seeds,
@@ -825,13 +828,6 @@ def summarize(config, cells: list[dict[str, Any]]) -> dict[str, Any]:
   out["verdict_basis"] = analysis.verdict_basis(verdicts)
   out["protocol"] = protocol_fingerprint(config)
   return out
-
-
-def _steps(config, task_name: str, batch: int) -> int:
-  section = config[task_name]
-  return trials_lib.make_schedule(
-      batch, section.budget_examples, section.warmup_steps, config.num_evals,
-      section.decay_power).total_steps
 
 
 def write_outputs(config, workdir: str, cells: list[dict[str, Any]],
